@@ -1,0 +1,1 @@
+"""PyTorch <-> JAX weight conversion (safe .pt reader/writer and key mappings)."""

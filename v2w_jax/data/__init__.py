@@ -1,0 +1,1 @@
+"""Input pipeline: video clips, text embeddings, grain loader, bad-input checker."""

@@ -1,0 +1,1 @@
+"""Diffusion math: objectives (rectified flow, EDM), Video2World conditioning, samplers."""

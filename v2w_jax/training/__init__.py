@@ -1,0 +1,1 @@
+"""Training: state pytree, the pure train step, optimizer, EMA, checkpoints, logging."""
