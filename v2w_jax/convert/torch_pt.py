@@ -634,7 +634,10 @@ class _AlignedZipWriter:
   def write_bytes(self, name: str, data: bytes) -> None:
     self.write(name, [data], len(data))
 
-  def close(self) -> None:
+  def __enter__(self) -> _AlignedZipWriter:
+    return self
+
+  def __exit__(self, *exc: Any) -> None:
     self.zip.close()
 
 
@@ -674,24 +677,23 @@ def save(path: PathLike, mapping: Mapping[str, Any]) -> None:
   fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{secrets.token_hex(4)}", dir=path.parent)
   try:
     with os.fdopen(fd, "wb") as f:
-      zw = _AlignedZipWriter(f)
-      zw.write_bytes(f"{archive}/data.pkl", buf.getvalue())
-      zw.write_bytes(f"{archive}/.format_version", b"1")
-      zw.write_bytes(f"{archive}/.storage_alignment", str(_AlignedZipWriter.ALIGN).encode())
-      zw.write_bytes(f"{archive}/byteorder", sys.byteorder.encode())
-      for i, (name, value, shape, dtype) in enumerate(records):
-        arr = np.asarray(value)
-        if arr.shape != shape:
-          raise ValueError(f"{path}: tensor {name!r} materialised with shape {arr.shape}, announced {shape}")
-        if arr.dtype != dtype:
-          if arr.dtype.newbyteorder("=") != dtype:
-            raise ValueError(f"{path}: tensor {name!r} materialised as {arr.dtype}, announced {dtype}")
-          arr = arr.astype(dtype)  # Non-native byte order -> native.
-        zw.write(f"{archive}/data/{i}", _array_chunks(arr), arr.nbytes)
-        del arr
-      zw.write_bytes(f"{archive}/version", b"3\n")
-      zw.write_bytes(f"{archive}/.data/serialization_id", secrets.token_hex(20).encode())
-      zw.close()
+      with _AlignedZipWriter(f) as zw:
+        zw.write_bytes(f"{archive}/data.pkl", buf.getvalue())
+        zw.write_bytes(f"{archive}/.format_version", b"1")
+        zw.write_bytes(f"{archive}/.storage_alignment", str(_AlignedZipWriter.ALIGN).encode())
+        zw.write_bytes(f"{archive}/byteorder", sys.byteorder.encode())
+        for i, (name, value, shape, dtype) in enumerate(records):
+          arr = np.asarray(value)
+          if arr.shape != shape:
+            raise ValueError(f"{path}: tensor {name!r} materialised with shape {arr.shape}, announced {shape}")
+          if arr.dtype != dtype:
+            if arr.dtype.newbyteorder("=") != dtype:
+              raise ValueError(f"{path}: tensor {name!r} materialised as {arr.dtype}, announced {dtype}")
+            arr = arr.astype(dtype)  # Non-native byte order -> native.
+          zw.write(f"{archive}/data/{i}", _array_chunks(arr), arr.nbytes)
+          del arr
+        zw.write_bytes(f"{archive}/version", b"3\n")
+        zw.write_bytes(f"{archive}/.data/serialization_id", secrets.token_hex(20).encode())
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
