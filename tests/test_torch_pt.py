@@ -260,3 +260,15 @@ def test_zip64_entries_roundtrip(tmp_path: pathlib.Path, monkeypatch: pytest.Mon
   for name, arr in arrays.items():
     _assert_bit_equal(_torch_to_numpy(ref[name]), arr, name)
     _assert_bit_equal(np.asarray(ck[name]), arr, name)
+
+
+def test_compressed_entries_fall_back_to_reading(fixtures_dir: pathlib.Path, tmp_path: pathlib.Path):
+  src = fixtures_dir / _CHECKPOINTS[0]
+  path = tmp_path / "deflated.pt"
+  with zipfile.ZipFile(src) as zin, zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zout:
+    for info in zin.infolist():
+      zout.writestr(info.filename, zin.read(info.filename))
+  ref = torch.load(src, weights_only=True)
+  ck = torch_pt.load(path)
+  for name, tensor in ref.items():
+    _assert_bit_equal(np.asarray(ck[name]), _torch_to_numpy(tensor), name)
