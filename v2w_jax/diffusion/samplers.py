@@ -185,8 +185,9 @@ def sample_edm(
   def x0_fn(x: Array, sigma_b_1: Array) -> Array:
     d_c, d_u, _ = _branches(denoise_fn, x, sigma_b_1, text_embeddings, uncond_text_embeddings, mask, guidance,
                             "video2world")
-    d_c = guidance_lib.impose_x0_frames(d_c.astype(jnp.float32), gt, mask).astype(dtype)
-    d_u = guidance_lib.impose_x0_frames(d_u.astype(jnp.float32), gt, mask).astype(dtype)
+    # As in the reference, the guided x0 is formed in float32 and promoted to the state dtype by edm_sample.
+    d_c = guidance_lib.impose_x0_frames(d_c.astype(jnp.float32), gt, mask)
+    d_u = guidance_lib.impose_x0_frames(d_u.astype(jnp.float32), gt, mask)
     return guidance_lib.cfg_combine(d_c, d_u, guidance)
 
   x_init = (float(np.asarray(sigmas)[0]) * noise.astype(jnp.float32)).astype(dtype)
