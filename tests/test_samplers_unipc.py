@@ -133,7 +133,7 @@ def test_full_loop_with_toy_net(rf, name):
   r = _run(rf, name)
   noise = jnp.asarray(r["noise"])[None]
   gt = jnp.asarray(r["gt"])[None]
-  c, t = noise.shape[1], noise.shape[2]
+  t = noise.shape[2]
   n_cond = int(r["num_cond_frames"])
   np.testing.assert_array_equal(r["cond_mask_T"], (np.arange(t) < n_cond).astype(np.float32))
   net, calls = make_toy_velocity_net(rf, bool(r["use_coupling"]))
@@ -156,7 +156,6 @@ def test_full_loop_with_toy_net(rf, name):
       conditional_frame_timestep=float(r["conditional_frame_timestep"]), paste_gt_at_end=True)
   np.testing.assert_array_equal(pasted[0, :, :n_cond], r["gt"][:, :n_cond])
   np.testing.assert_allclose(pasted[0, :, n_cond:], r["final"][:, n_cond:], atol=TRAJ_ATOL, rtol=0)
-  del c
 
 
 def test_missing_input_replacement_fails(rf):
@@ -165,9 +164,9 @@ def test_missing_input_replacement_fails(rf):
   noise = jnp.asarray(r["noise"])[None]
   t = noise.shape[2]
   net, _ = make_toy_velocity_net(rf, True)
-  no_replace = lambda x, ts, text, m: net(x, ts, text, m)  # noqa: E731
   final = samplers.sample_rf(
-      lambda x, ts, text, m: no_replace(jnp.where(m > 0, noise, x), ts, text, m), noise, _schedule(r),
+      # A port that forgot the replacement would feed something else than gt there; here: the noise.
+      lambda x, ts, text, m: net(jnp.where(m > 0, noise, x), ts, text, m), noise, _schedule(r),
       text_embeddings=jnp.ones((1, 3, 8)), uncond_text_embeddings=jnp.zeros((1, 3, 8)),
       gt_latents=jnp.asarray(r["gt"])[None], cond_mask=conditional_frame_mask(int(r["num_cond_frames"]), 1, t),
       guidance=float(r["guidance"]))
