@@ -1,0 +1,47 @@
+"""Activation-checkpoint (remat) policies for the DiT blocks (dit_spec §7, perf_notes.md).
+
+* ``none``: no remat; the backward keeps every intermediate.
+* ``full``: each block is recomputed in the backward (saves only the block inputs).
+* ``save_attention``: recompute everything except the attention results: the tensor named
+  :data:`~v2w_jax.models.attention.ATTENTION_OUT_NAME` **and** every output of the cuDNN fused-attention
+  forward primitive. Saving only the named output is not enough with cuDNN: its backward also needs
+  the softmax statistics (the primitive's second output), and without them the forward kernel runs
+  again. Mirrors the reference SAC mode ``predict2_2b_720_aggressive`` (saves the flash-attn ops).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+from v2w_jax.models.attention import ATTENTION_OUT_NAME
+
+POLICIES = ("none", "save_attention", "full")
+
+# Forward primitives of jax's cuDNN attention (jax._src.cudnn.fused_attention_stablehlo): the custom
+# VJP forward binds the *_wrapper primitive, which lowers to the plain one.
+CUDNN_ATTENTION_FWD_PRIMITIVES = frozenset({
+    "dot_product_attention_fwd_wrapper",
+    "dot_product_attention_fwd",
+})
+
+
+def save_cudnn_attention_outputs(prim: Any, *_: Any, **__: Any) -> bool:
+  """Policy: save the outputs (incl. softmax stats) of the cuDNN attention forward primitive."""
+  return getattr(prim, "name", None) in CUDNN_ATTENTION_FWD_PRIMITIVES
+
+
+def checkpoint_policy(name: str) -> Callable[..., bool] | None:
+  """The ``jax.checkpoint`` policy for a remat mode ('none' has no policy: do not remat)."""
+  if name == "full":
+    return jax.checkpoint_policies.nothing_saveable
+  if name == "save_attention":
+    return jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.save_only_these_names(ATTENTION_OUT_NAME),
+        save_cudnn_attention_outputs,
+    )
+  if name == "none":
+    return None
+  raise ValueError(f"unknown remat policy {name!r}; expected one of {POLICIES}")
