@@ -1,0 +1,278 @@
+"""The pure train step and the validation-loss step.
+
+``make_train_step(config, apply_fn, encode_fn=None)`` returns ``train_step(state, batch, rng) ->
+(state, metrics)``: a pure function over pytrees, jitted by :func:`make_jitted_train_step` with
+explicit in/out shardings and the state donated.
+
+One call = one optimizer step (the reference ``training_step`` + optimizer hooks):
+
+1. latents: ``batch['latents']`` (float32 [B,16,T,H,W]) or ``encode_fn(batch['video'])`` (uint8
+   [B,3,T,H,W]; ``encode_fn`` normalises with :func:`normalize_video` and runs the VAE; no gradient);
+2. conditioning (``diffusion/conditioning.py``): N conditional frames per sample (or
+   ``batch['num_conditional_frames']``, −1 = draw), caption dropout;
+3. the objective's noise level, noise ε and loss (``diffusion/objective.py``);
+4. gradient accumulation over ``optim.grad_accum_steps`` microbatches: an explicit ``lax.scan`` over
+   strided microbatches inside the step (not ``optax.MultiSteps``), gradients summed in float32 and
+   divided by the count (the reference divides the loss before backward), so each call is exactly one
+   optimizer step and ``state.step`` counts optimizer steps;
+5. nan/inf gradients → 0, global-norm clipping (pre-clip norm reported as ``grad_norm``), AdamW with
+   lr = optim.lr · f(step), power-EMA update with β(step + iteration_shift); step += 1.
+
+Randomness: the step folds ``state.step`` into ``rng`` (and the microbatch index into that), so the
+caller may pass the run's base key every step; the result is deterministic and resumable.
+
+``apply_fn(params, x_B_C_T_H_W, timesteps, crossattn_emb, cond_mask_B_1_T_H_W, padding_mask, is_image)``
+returns the float32 network output (``models/dit.py:apply_fn``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from v2w_jax.diffusion.conditioning import make_condition
+from v2w_jax.diffusion.objective import Objective, make_objective
+from v2w_jax.parallel import sharding as sharding_lib
+from v2w_jax.training import ema as ema_lib
+from v2w_jax.training import optim as optim_lib
+from v2w_jax.training.state import TrainState
+
+ApplyFn = Callable[..., jax.Array]
+EncodeFn = Callable[[jax.Array], jax.Array]
+Batch = dict[str, Any]
+
+
+def normalize_video(video_uint8: jax.Array) -> jax.Array:
+  """uint8 [0, 255] → bf16 [−1, 1] as the reference: x.to(bf16) / 127.5 − 1, each op rounded to bf16.
+
+  The rounding is forced with ``lax.reduce_precision`` so XLA's excess-precision rewrites cannot skip
+  the intermediate bf16 rounding (e.g. 128 → 0.0078125, not 0.00390625; spec §5 and §12 number 13).
+  """
+  x = jnp.asarray(video_uint8).astype(jnp.float32)  # uint8 values are exact in bf16 and f32
+  x = jax.lax.reduce_precision(x / jnp.float32(127.5), exponent_bits=8, mantissa_bits=7)
+  x = jax.lax.reduce_precision(x - jnp.float32(1.0), exponent_bits=8, mantissa_bits=7)
+  return x.astype(jnp.bfloat16)
+
+
+def _batch_latents(batch: Batch, encode_fn: EncodeFn | None) -> jax.Array:
+  if "latents" in batch:
+    lat = batch["latents"]
+  elif "video" in batch:
+    if encode_fn is None:
+      raise ValueError("batch has 'video' but the train step was built without encode_fn "
+                       "(pass the VAE encoder, or precomputed 'latents')")
+    lat = encode_fn(batch["video"])
+  else:
+    raise ValueError(f"batch needs 'latents' or 'video', got keys {sorted(batch)}")
+  lat = jax.lax.stop_gradient(jnp.asarray(lat).astype(jnp.float32))
+  if lat.ndim != 5:
+    raise ValueError(f"latents must be [B,C,T,H,W], got shape {lat.shape}")
+  return lat
+
+
+def _check_batch(batch: Batch) -> None:
+  if "text_embeddings" not in batch:
+    raise ValueError(f"batch needs 'text_embeddings' [B,N,D], got keys {sorted(batch)}")
+
+
+def make_loss_fn(config, apply_fn: ApplyFn, encode_fn: EncodeFn | None = None,
+                 objective: Objective | None = None, *, caption_dropout: bool = True) -> Callable:
+  """``loss_fn(params, batch, key, timesteps=None) -> (loss, metrics)`` for one (micro)batch.
+
+  With ``timesteps`` (τ per sample, RF units) the noise level is fixed instead of sampled.
+  """
+  objective = objective or make_objective(config)
+  probs = tuple(config.conditioning.conditional_frames_probs)
+  dropout = float(config.conditioning.caption_dropout) if caption_dropout else 0.0
+
+  def loss_fn(params, batch: Batch, key: jax.Array, timesteps: jax.Array | None = None):
+    _check_batch(batch)
+    latents = _batch_latents(batch, encode_fn)
+    b, _, t = latents.shape[:3]
+    k_cond, k_level, k_eps = jax.random.split(key, 3)
+    cond = make_condition(
+        k_cond,
+        batch["text_embeddings"],
+        latents.shape,
+        conditional_frames_probs=probs,
+        caption_dropout_rate=dropout,
+        forced_num_conditional_frames=batch.get("num_conditional_frames"),
+        padding_mask=batch.get("padding_mask"),
+    )
+    if timesteps is None:
+      level = objective.sample_noise_level(k_level, b, t)
+    else:
+      level = objective.noise_level_at(jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32), (b,)), t)
+    eps = jax.random.normal(k_eps, latents.shape, jnp.float32)
+
+    def net_fn(x_in, ts):
+      mask = cond.input_mask(latents.shape, x_in.dtype)
+      return apply_fn(params, x_in, ts, cond.crossattn_emb, mask, cond.padding_mask, cond.is_image)
+
+    loss, aux = objective.loss(net_fn, latents, eps, level, cond)
+    metrics = {
+        "loss": loss,
+        "num_conditional_frames": jnp.mean(cond.num_conditional_frames.astype(jnp.float32)),
+        "caption_dropped": 1.0 - jnp.mean(cond.caption_kept.astype(jnp.float32)),
+        "sigma_mean": jnp.mean(level.sigma),
+        "timestep_mean": jnp.mean(level.timestep),
+    }
+    return loss, metrics
+
+  return loss_fn
+
+
+def make_train_step(
+    config,
+    apply_fn: ApplyFn,
+    encode_fn: EncodeFn | None = None,
+    *,
+    objective: Objective | None = None,
+    tx: optax.GradientTransformation | None = None,
+) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
+  """Builds the pure ``train_step(state, batch, rng) -> (state, metrics)`` (see the module docstring).
+
+  ``tx`` defaults to ``optim.make_optimizer(config)``; it must be the one the state was created with.
+  Metrics (float32 scalars): loss, grad_norm (pre-clip, after nan→0), grad_nonfinite (count of
+  nan/inf gradient entries), clip_coef, lr, ema_beta, num_conditional_frames (mean), caption_dropped
+  (fraction), sigma_mean, timestep_mean.
+  """
+  tx = tx or optim_lib.make_optimizer(config)
+  loss_fn = make_loss_fn(config, apply_fn, encode_fn, objective)
+  accum = int(config.optim.get("grad_accum_steps", 1))
+  if accum < 1:
+    raise ValueError(f"config.optim.grad_accum_steps must be >= 1, got {accum}")
+  max_norm = float(config.optim.get("clip_grad_norm", 0.0) or 0.0)
+  lr_fn = optim_lib.make_lr_schedule(config)
+  ema_enabled = bool(config.ema.get("enabled", True))
+  gamma = ema_lib.power_ema_gamma(float(config.ema.rate)) if ema_enabled else 0.0
+  shift = int(config.ema.get("iteration_shift", 0))
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def grads_and_metrics(params, batch, key):
+    if accum == 1:
+      (_, metrics), grads = grad_fn(params, batch, key)
+      return optim_lib.tree_cast(grads, jnp.float32), metrics
+    micro = optim_lib.split_microbatches(batch, accum)
+
+    def body(g_acc, xs):
+      mb, j = xs
+      (_, m), g = grad_fn(params, mb, jax.random.fold_in(key, j))
+      g_acc = jax.tree.map(lambda a, x: a + x.astype(jnp.float32), g_acc, g)
+      return g_acc, m
+
+    g0 = optim_lib.zeros_like_f32(params)
+    g_sum, ms = jax.lax.scan(body, g0, (micro, jnp.arange(accum, dtype=jnp.int32)))
+    grads = jax.tree.map(lambda g: g / jnp.float32(accum), g_sum)
+    return grads, jax.tree.map(lambda m: jnp.mean(m, axis=0), ms)
+
+  def train_step(state: TrainState, batch: Batch, rng: jax.Array):
+    key = jax.random.fold_in(rng, state.step)
+    grads, metrics = grads_and_metrics(state.params, batch, key)
+    nonfinite = sum(jnp.sum(~jnp.isfinite(g)) for g in jax.tree.leaves(grads))
+    grads, grad_norm = optim_lib.sanitize_and_clip(grads, max_norm)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics)
+    metrics.update(
+        grad_norm=grad_norm,
+        grad_nonfinite=jnp.asarray(nonfinite, jnp.float32),
+        clip_coef=optim_lib.clip_coefficient(grad_norm, max_norm) if max_norm > 0 else jnp.float32(1.0),
+        lr=lr_fn(state.step),
+    )
+    ema_params = state.ema_params
+    if ema_enabled and ema_params is not None:
+      beta = ema_lib.power_ema_beta(state.step + shift, gamma)
+      ema_params = ema_lib.ema_update(ema_params, params, beta)
+      metrics["ema_beta"] = beta
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params)
+    return new_state, jax.tree.map(lambda m: jnp.asarray(m, jnp.float32), metrics)
+
+  return train_step
+
+
+def make_eval_step(
+    config,
+    apply_fn: ApplyFn,
+    encode_fn: EncodeFn | None = None,
+    *,
+    objective: Objective | None = None,
+) -> Callable[[Any, Batch, jax.Array, jax.Array], dict[str, jax.Array]]:
+  """``eval_step(params, batch, rng, timesteps) -> metrics``: the loss at fixed timesteps.
+
+  ``timesteps``: RF τ in [0, 1000] (scalar or [B]; EDM maps it to σ = t/(1−t), t = τ/1000). Noise and
+  conditional-frame counts come from ``rng`` (deterministic); captions are never dropped.
+  """
+  loss_fn = make_loss_fn(config, apply_fn, encode_fn, objective, caption_dropout=False)
+
+  def eval_step(params, batch: Batch, rng: jax.Array, timesteps: jax.Array):
+    _, metrics = loss_fn(params, batch, rng, timesteps)
+    return jax.tree.map(lambda m: jnp.asarray(m, jnp.float32), metrics)
+
+  return eval_step
+
+
+def jit_train_step(train_step: Callable, mesh: jax.sharding.Mesh, state_shardings: Any, *,
+                   donate: bool = True) -> Callable:
+  """``jax.jit`` with explicit shardings: state per ``state_shardings`` (donated), every batch leaf's
+  first dim over ('data', 'fsdp'), rng and metrics replicated. The call runs under
+  ``jax.set_mesh(mesh)`` so the model's logical activation constraints bind to the mesh."""
+  rep = sharding_lib.replicated(mesh)
+  jitted = jax.jit(
+      train_step,
+      in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh), rep),
+      out_shardings=(state_shardings, rep),
+      donate_argnums=(0,) if donate else (),
+  )
+
+  def call(state, batch, rng):
+    with jax.set_mesh(mesh):
+      return jitted(state, batch, rng)
+
+  call.jitted = jitted
+  call.mesh = mesh
+  return call
+
+
+def make_jitted_train_step(
+    config,
+    mesh: jax.sharding.Mesh,
+    apply_fn: ApplyFn,
+    state_shardings: Any,
+    encode_fn: EncodeFn | None = None,
+    *,
+    objective: Objective | None = None,
+    tx: optax.GradientTransformation | None = None,
+    donate: bool = True,
+) -> Callable:
+  """:func:`make_train_step` + :func:`jit_train_step`."""
+  step = make_train_step(config, apply_fn, encode_fn, objective=objective, tx=tx)
+  return jit_train_step(step, mesh, state_shardings, donate=donate)
+
+
+def jit_eval_step(eval_step: Callable, mesh: jax.sharding.Mesh, param_shardings: Any) -> Callable:
+  """Jitted ``eval_step`` with params per ``param_shardings``, batch over ('data', 'fsdp')."""
+  rep = sharding_lib.replicated(mesh)
+  jitted = jax.jit(eval_step, in_shardings=(param_shardings, sharding_lib.batch_sharding(mesh), rep, rep),
+                   out_shardings=rep)
+
+  def call(params, batch, rng, timesteps):
+    with jax.set_mesh(mesh):
+      return jitted(params, batch, rng, jnp.asarray(timesteps, jnp.float32))
+
+  call.jitted = jitted
+  return call
+
+
+__all__ = [
+    "normalize_video",
+    "make_loss_fn",
+    "make_train_step",
+    "make_eval_step",
+    "jit_train_step",
+    "make_jitted_train_step",
+    "jit_eval_step",
+]
