@@ -1,0 +1,103 @@
+"""Times the full jitted train step of the 2B DiT on one GPU (issue 9).
+
+The step is the trainer's own (``training/step.py``): DiT forward+backward with the configured remat
+policy, rectified-flow loss, nan-guard + global-norm clipping, AdamW with the LambdaLinear schedule,
+power EMA. Data loading and the VAE are excluded (latents are random; ``benchmarks/vae.py`` times the
+VAE). Reports compile time, median step time over several steps after warm-up, peak device memory,
+model TFLOP/s (the reference anchor's formula, ``training/flops.py``) and MFU.
+
+    python -m benchmarks.train_step --shape=720p --json=out.json [--remat=save_attention]
+        [--precision=fp32_master|reference_bf16] [--steps=3] [--tiny]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import types
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks import common
+from configs import nemo, tiny
+from v2w_jax.models import dit
+from v2w_jax.models.dit_config import DiTConfig
+from v2w_jax.parallel import mesh as mesh_lib
+from v2w_jax.training import flops as flops_lib
+from v2w_jax.training import optim as optim_lib
+from v2w_jax.training import step as step_lib
+from v2w_jax.training import trainer
+
+SHAPES = {"720p": (24, 88, 160), "480p": (8, 60, 104), "tiny": (3, 4, 6)}
+
+
+def run(shape: str, remat: str, precision: str, steps: int, warmup: int, use_tiny: bool, backend: str) -> dict:
+  config = tiny.get_config() if use_tiny else nemo.get_config()
+  config.model.remat_policy = remat
+  config.model.attention_backend = backend
+  config.optim.precision = precision
+  config.model.param_dtype = "bfloat16" if precision == "reference_bf16" else "float32"
+  t, h, w = SHAPES[shape]
+  text_tokens = int(config.data.text_tokens)
+  mesh = mesh_lib.make_mesh(config.mesh)
+  dit_cfg = DiTConfig.from_config(config.model, logical_axis_rules=tuple(map(tuple, config.mesh.rules)))
+  tx = optim_lib.make_optimizer(config)
+  _, state_sh, initial_state = trainer.build_state(config, mesh, types.SimpleNamespace(dit_cfg=dit_cfg), tx)
+  state = initial_state()
+  state_gib = common.memory_in_use_gib()
+  train_step = step_lib.make_jitted_train_step(config, mesh, dit.apply_fn(dit_cfg), state_sh, tx=tx)
+  k = jax.random.split(jax.random.key(0), 2)
+  batch = {
+      "latents": jax.random.normal(k[0], (1, dit_cfg.in_channels, t, h, w), jnp.float32),
+      "text_embeddings": jax.random.normal(k[1], (1, text_tokens, dit_cfg.text_in_channels), jnp.bfloat16),
+  }
+  rng = jax.random.key(1)
+  t0 = time.perf_counter()
+  with jax.set_mesh(mesh):
+    compiled = train_step.jitted.lower(state, batch, rng).compile()
+  compile_s = time.perf_counter() - t0
+  hlo = compiled.as_text()
+  holder = {"state": state}
+
+  def one():
+    holder["state"], metrics = compiled(holder["state"], batch, rng)
+    return metrics["loss"]
+
+  timing = common.time_calls(one, warmup=warmup, steps=steps)
+  model_flops = flops_lib.dit_flops(config.model, (t, h, w), text_tokens).train_step
+  peak = flops_lib.peak_flops(jax.devices()[0])
+  tflops = model_flops / timing["median_s"] / 1e12
+  return {
+      "shape": shape, "latent": [t, h, w], "tokens": (t * h * w) // 4, "text_tokens": text_tokens,
+      "remat": remat, "precision": precision, "attention_backend": backend,
+      "compile_s": compile_s, **timing,
+      "state_gib": state_gib, "peak_gib": common.peak_memory_gib(),
+      "model_tflop": model_flops / 1e12, "model_tflops_per_s": tflops,
+      "mfu": tflops * 1e12 / peak if peak else None,
+      "cudnn_fmha_calls": common.count_in_hlo(hlo, "__cudnn$fmha"),
+      "loss": float(one()),
+  }
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--shape", default="720p", choices=sorted(SHAPES))
+  ap.add_argument("--remat", default=None, help="default: the config's (save_attention)")
+  ap.add_argument("--precision", default="fp32_master", choices=["fp32_master", "reference_bf16"])
+  ap.add_argument("--backend", default="auto")
+  ap.add_argument("--steps", type=int, default=3)
+  ap.add_argument("--warmup", type=int, default=1)
+  ap.add_argument("--tiny", action="store_true", help="CPU smoke test with configs/tiny.py")
+  ap.add_argument("--json", default=None)
+  args = ap.parse_args()
+  remat = args.remat or ("none" if args.tiny else "save_attention")
+  shape = "tiny" if args.tiny else args.shape
+  result = {"device": common.device_info(),
+            "result": run(shape, remat, args.precision, args.steps, args.warmup, args.tiny, args.backend)}
+  print(result, flush=True)
+  common.write_json(args.json, result)
+
+
+if __name__ == "__main__":
+  main()
