@@ -234,9 +234,9 @@ def dummy_inputs(cfg: DiTConfig, batch: int = 1, frames: int | None = None, heig
 
 
 def init_variables(cfg: DiTConfig, rng: jax.Array, **sample_shape: int) -> dict[str, Any]:
-  """Random variables ``{'params': boxed tree}`` (boxes carry logical axis names)."""
-  variables = DiT(cfg).init(rng, *dummy_inputs(cfg, **sample_shape))
-  return {"params": variables["params"]}
+  """Random variables ``{'params': boxed tree}`` (boxes carry logical axis names); jit-compatible."""
+  inputs = dummy_inputs(cfg, **sample_shape)
+  return {"params": jax.jit(DiT(cfg).init)(rng, *inputs)["params"]}
 
 
 def abstract_variables(cfg: DiTConfig) -> dict[str, Any]:
