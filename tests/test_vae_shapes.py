@@ -184,3 +184,10 @@ def test_config_from_project_configs():
   assert vae_lib.VAEConfig.from_config(tiny.get_config().vae).base_dim == 8
   with pytest.raises(ValueError, match="encode_chunk"):
     vae_lib.VAEConfig(encode_chunk=6)
+
+
+def test_uint8_to_unit_range_rounds_like_cosmos():
+  x = vae_lib.uint8_to_unit_range(np.array([0, 127, 128, 200, 255], np.uint8))
+  assert x.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(x, np.float32),
+                                [-1.0, -0.00390625, 0.0078125, 0.5703125, 1.0])

@@ -318,6 +318,17 @@ def latent_constants(cfg: VAEConfig) -> tuple[np.ndarray, np.ndarray]:
   return mean, inv_std
 
 
+def uint8_to_unit_range(video: Array) -> Array:
+  """uint8 pixels -> bf16 in [-1, 1] exactly as Cosmos does it: ``x.to(bf16) / 127.5 - 1``.
+
+  Each op rounds to bf16 (e.g. 200 -> 0.5703125, 127 -> -0.00390625), so the model sees the
+  same inputs as the reference (training_spec.md §5).
+  """
+  x = jnp.asarray(video).astype(jnp.bfloat16)
+  x = x / jnp.asarray(127.5, jnp.bfloat16)
+  return x - jnp.asarray(1.0, jnp.bfloat16)
+
+
 def _bcast(v: np.ndarray) -> Array:
   return jnp.asarray(v)[None, :, None, None, None]
 
