@@ -23,6 +23,7 @@ computes in bf16) and ``reference_bf16`` (params and moments in bf16, as the ref
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -109,6 +110,10 @@ def make_lr_schedule(config) -> optax.Schedule:
 # -------------------------------------------------------------------------------------------- AdamW
 
 
+def _log(b: float) -> float:
+  return math.log(b) if b > 0 else -math.inf
+
+
 class TorchAdamWState(NamedTuple):
   count: jax.Array  # int32: optimizer steps taken so far
   mu: Any
@@ -151,8 +156,9 @@ def torch_adamw(
     count = state.count
     lr = jnp.asarray(sched(count), jnp.float32)
     k1 = (count + 1).astype(jnp.float32)
-    bc1 = 1.0 - jnp.float32(b1) ** k1
-    bc2_sqrt = jnp.sqrt(1.0 - jnp.float32(b2) ** k1)
+    # 1 − b^k as −expm1(k·ln b) with ln b from float64: float32 1 − 0.999^k would lose ~1e-5 to cancellation.
+    bc1 = -jnp.expm1(k1 * jnp.float32(_log(b1)))
+    bc2_sqrt = jnp.sqrt(-jnp.expm1(k1 * jnp.float32(_log(b2))))
     m_tree = mask(params) if callable(mask) else mask
     if m_tree is None:
       m_tree = jax.tree.map(lambda _: True, params)
