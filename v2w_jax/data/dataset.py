@@ -184,12 +184,13 @@ class LoadSample:
         sample[_SKIPPED] = np.int32(skipped)
         return sample
       except (DataError, video_lib.VideoError, text_lib.EmbeddingError, OSError, ValueError) as e:
+        what = str(e) if str(e).startswith(record.path) else f"{record.path}: {e}"
         if not self.spec.skip_bad_files:
-          raise DataError(f"bad training sample: {e}") from e
+          raise DataError(f"bad training sample {what}") from e
         skipped += 1
-        _log.warning("skipping bad file (%d so far for this sample): %s", skipped, e)
+        _log.warning("skipping bad training sample %s", what)
         if skipped > _MAX_REPLACEMENTS or len(self.records) < 2:
-          raise DataError(f"gave up after {skipped} bad files in a row; last: {e}") from e
+          raise DataError(f"gave up after {skipped} bad files in a row; last: {what}") from e
         # A deterministic replacement: another record, drawn from this sample's generator.
         other = int(rng.integers(0, len(self.records) - 1))
         record = self.records[other + (other >= slot)]
