@@ -68,6 +68,7 @@ class Fixture:
     options.setdefault("dtype", "float32")
     options.setdefault("param_dtype", "float32")
     options.setdefault("remat_policy", "none")
+    options.setdefault("attention_backend", "xla")  # fp32 attention (cuDNN would run it in bf16)
     return DiTConfig.from_reference_kwargs(self.net, **options)
 
   @functools.cache
