@@ -162,6 +162,8 @@ def get_config() -> ConfigDict:
           text_tokens=512,
           skip_bad_files=False,
           check_at_start=True,
+          decode_threads=2,
+          make_sample_dataset=False,  # write the synthetic sample dataset if dataset_dir is absent
       )
   )
 
@@ -176,6 +178,7 @@ def get_config() -> ConfigDict:
           validation_iter=100,
           run_validation=False,
           validation_timesteps=(100.0, 500.0, 900.0),
+          validation_batches=2,
           sample_iter=200,
           sample_num_steps=35,
           sample_guidance=7.0,

@@ -32,6 +32,8 @@ def get_config():
   c.data.update(
       dict(
           dataset_dir="data/sample_dataset",
+          val_dataset_dir="data/sample_dataset",
+          make_sample_dataset=True,
           num_frames=9,
           video_size=(32, 48),
           global_batch_size=2,

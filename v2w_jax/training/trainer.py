@@ -1,0 +1,272 @@
+"""The post-training loop: config -> mesh -> data -> state -> steps, checkpoints, logs, samples.
+
+Read top to bottom (big_vision style): each section is one concern. Resume order is
+job checkpoint > ``checkpoint.load_path`` (model weights only) > random init, so a preempted or
+killed job restarts with the same command.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from v2w_jax.convert import dit as convert_dit
+from v2w_jax.convert import vae as convert_vae
+from v2w_jax.data import dataset as dataset_lib
+from v2w_jax.data import sample_dataset
+from v2w_jax.models import dit
+from v2w_jax.models import vae as vae_lib
+from v2w_jax.models.dit_config import DiTConfig
+from v2w_jax.parallel import mesh as mesh_lib
+from v2w_jax.parallel import sharding as sharding_lib
+from v2w_jax.training import checkpoint as ckpt_lib
+from v2w_jax.training import flops as flops_lib
+from v2w_jax.training import logging as log_lib
+from v2w_jax.training import optim as optim_lib
+from v2w_jax.training import samples as samples_lib
+from v2w_jax.training import state as state_lib
+from v2w_jax.training import step as step_lib
+from v2w_jax.training import weights as weights_lib
+from v2w_jax.training.preemption import PreemptionGuard
+
+_log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+  """Training produced a NaN/Inf loss; the last good checkpoint is kept."""
+
+
+def job_dir(config) -> pathlib.Path:
+  """``OUTPUT_ROOT/project/group/name`` ($V2W_OUTPUT_ROOT overrides config.job.output_root)."""
+  root = os.environ.get("V2W_OUTPUT_ROOT") or config.job.output_root
+  return pathlib.Path(root) / config.job.project / config.job.group / config.job.name
+
+
+@dataclasses.dataclass
+class Model:
+  """The DiT and VAE configs, the VAE parameters and the jitted VAE encode."""
+
+  dit_cfg: DiTConfig
+  vae_cfg: vae_lib.VAEConfig
+  vae_params: Any
+  encode: Any  # jitted (vae_params, video uint8 [B,3,T,H,W]) -> latents fp32
+
+
+def build_model(config, mesh) -> Model:
+  dit_cfg = DiTConfig.from_config(config.model, logical_axis_rules=tuple(map(tuple, config.mesh.rules)))
+  vae_cfg = vae_lib.VAEConfig.from_config(config.vae)
+  rep = sharding_lib.replicated(mesh)
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),
+                          vae_lib.abstract_params(vae_cfg))
+  if config.vae.checkpoint_path:
+    vae_params = weights_lib.load_params(
+        config.vae.checkpoint_path, abstract,
+        lambda sd: convert_vae.torch_to_params(sd, vae_cfg), what="VAE")
+  else:
+    _log.warning("config.vae.checkpoint_path is empty: the VAE has RANDOM weights (toy runs only)")
+    vae_params = jax.jit(lambda k: vae_lib.init_params(vae_cfg, k), out_shardings=rep)(
+        jax.random.key(config.seed + 1))
+  batch_sh = sharding_lib.batch_sharding(mesh)
+  encode = jax.jit(lambda p, v: vae_lib.encode_video(vae_cfg, p, step_lib.normalize_video(v)),
+                   in_shardings=(rep, batch_sh), out_shardings=batch_sh)
+  return Model(dit_cfg, vae_cfg, vae_params, encode)
+
+
+def build_state(config, mesh, model: Model, tx):
+  """Abstract state + shardings, and a function creating the initial state (random or loaded)."""
+  boxed = dit.abstract_variables(model.dit_cfg)["params"]
+  param_sh = sharding_lib.param_shardings_from_boxed(boxed, mesh, model.dit_cfg.logical_axis_rules)
+  init_fn = state_lib.state_init_fn(lambda k: dit.init_params(model.dit_cfg, k), tx, config)
+  key = jax.random.key(config.seed)
+  abstract_state = jax.eval_shape(init_fn, key)
+  state_sh = sharding_lib.train_state_shardings(abstract_state, param_sh, tx, mesh)
+  abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                abstract_state, state_sh)
+
+  def initial_state():
+    load_path = config.checkpoint.load_path
+    if not load_path:
+      return sharding_lib.create_sharded(init_fn, state_sh, key)
+    params = weights_lib.load_params(
+        load_path, abstract_state.params,
+        lambda sd: convert_dit.torch_to_params(sd, model.dit_cfg), what="DiT")
+    from_params = state_lib.state_init_fn(lambda p: p, tx, config)
+    return jax.jit(from_params, out_shardings=state_sh)(params)
+
+  return abstract_state, state_sh, initial_state
+
+
+def validate_mesh(config, mesh, dit_cfg: DiTConfig) -> None:
+  """Start-up checks that would otherwise fail deep inside compilation."""
+  data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+  batch = int(config.data.global_batch_size)
+  if batch % data_parallel:
+    raise ValueError(f"data.global_batch_size={batch} is not divisible by the data-parallel size "
+                     f"data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']} = {data_parallel}")
+  if batch % jax.process_count():
+    raise ValueError(f"data.global_batch_size={batch} is not divisible by the {jax.process_count()} processes")
+  if mesh.shape["context"] > 1:
+    from v2w_jax.parallel import context_attention  # pylint: disable=import-outside-toplevel
+
+    t = 1 + (int(config.data.num_frames) - 1) // 4
+    h, w = (int(s) // 8 for s in config.data.video_size)
+    context_attention.validate_context_parallel(dit_cfg, mesh, latent_thw=(t, h, w))
+
+
+def _host_metrics(metrics: dict) -> dict[str, float]:
+  return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def _memory_gib() -> dict[str, float]:
+  stats = jax.local_devices()[0].memory_stats() or {}
+  if not stats:
+    return {}
+  return {"mem_in_use_gib": stats.get("bytes_in_use", 0) / 2**30,
+          "mem_peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30}
+
+
+def _oom_hint(err: Exception) -> Exception:
+  if "RESOURCE_EXHAUSTED" not in str(err) and "out of memory" not in str(err).lower():
+    return err
+  return MemoryError(
+      "out of device memory at the first step. Settings that lower memory, in order of cost: "
+      "--config.model.remat_policy=full (recompute blocks), a larger --config.mesh.fsdp (shard "
+      "parameters/optimizer over more devices), --config.mesh.context=2/4/8 (split each clip's tokens), "
+      "--config.optim.precision=reference_bf16 (bf16 params and Adam state), fewer "
+      "--config.data.num_frames or a smaller --config.data.video_size, a smaller "
+      f"--config.data.global_batch_size. Original error: {str(err)[:500]}")
+
+
+def train(config) -> dict[str, Any]:
+  """Runs (or resumes) the job; returns a summary (final step, last metrics, job folder)."""
+  # ---- Job folder, mesh, model -----------------------------------------------------------------
+  workdir = job_dir(config)
+  if jax.process_index() == 0:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  mesh = mesh_lib.make_mesh(config.mesh)
+  _log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), jax.device_count(),
+            jax.process_count())
+  model = build_model(config, mesh)
+  validate_mesh(config, mesh, model.dit_cfg)
+
+  # ---- Data: checked at start (every bad file named), host-local batches -------------------------
+  if config.data.get("make_sample_dataset", False):
+    sample_dataset.ensure_sample_dataset(config)
+  data_iter = dataset_lib.make_loader(config, split="train")
+
+  # ---- State: resume > load_path > random ------------------------------------------------------
+  tx = optim_lib.make_optimizer(config)
+  abstract_state, state_sh, initial_state = build_state(config, mesh, model, tx)
+  checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep,
+                                       async_save=config.checkpoint.async_save)
+  start = checkpointer.latest_step()
+  if start is not None:
+    state, _ = checkpointer.restore(start, abstract_state, data_iter)
+    _log.info("resumed from %s/checkpoints/%d", workdir, start)
+  else:
+    state = initial_state()
+    start = 0
+  base_rng = jax.random.key(config.seed)
+
+  # ---- Steps -----------------------------------------------------------------------------------
+  train_step = step_lib.make_jitted_train_step(config, mesh, dit.apply_fn(model.dit_cfg), state_sh, tx=tx)
+  eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(config, dit.apply_fn(model.dit_cfg)), mesh,
+                                     state_sh.params)
+  batch_sh = sharding_lib.batch_sharding(mesh)
+  t_lat = 1 + (int(config.data.num_frames) - 1) // 4
+  h_lat, w_lat = (int(s) // 8 for s in config.data.video_size)
+  step_flops = flops_lib.dit_flops(config.model, (t_lat, h_lat, w_lat), int(config.data.text_tokens))
+  flops_per_step = step_flops.train_step * int(config.data.global_batch_size)
+  peak = flops_lib.peak_flops(jax.devices()[0])
+
+  def model_batch(host_batch):
+    batch = dataset_lib.to_global_batch(
+        {k: host_batch[k] for k in ("video", "text_embeddings", "padding_mask") if k in host_batch}, batch_sh)
+    out = {"latents": model.encode(model.vae_params, batch["video"]),
+           "text_embeddings": batch["text_embeddings"]}
+    if "padding_mask" in batch:
+      out["padding_mask"] = batch["padding_mask"]
+    return out
+
+  def save(step: int, *, force: bool = False):
+    meta = {"step": step, "seed": int(config.seed), "config": json.loads(config.to_json_best_effort())}
+    checkpointer.save(step, state, data_iter, meta, force=force)
+
+  def validate() -> dict[str, float]:
+    """EMA loss at fixed timesteps on the first batches of the validation set (same each time)."""
+    if not config.data.get("val_dataset_dir", ""):
+      return {}
+    params = state.ema_params if state.ema_params is not None else state.params
+    totals: dict[str, list[float]] = {}
+    val_iter = dataset_lib.make_loader(config, split="val")
+    for i in range(int(config.trainer.get("validation_batches", 2))):
+      batch = model_batch(next(val_iter))
+      for t in config.trainer.validation_timesteps:
+        m = _host_metrics(eval_step(params, batch, jax.random.key(1000 + i), t))
+        totals.setdefault(f"loss_t{int(t)}", []).append(m["loss"])
+    return {k: float(np.mean(v)) for k, v in totals.items()}
+
+  max_iter = int(config.trainer.max_iter)
+  logger = log_lib.MetricLogger(workdir, config, total_steps=max_iter, start_step=start)
+  sampler = samples_lib.SampleWriter(config, model, mesh, workdir, logger)
+  window: list[dict[str, float]] = []
+  step = start
+  metrics: dict[str, float] = {}
+  last_saved = start if checkpointer.latest_step() == start else None
+  try:
+    with PreemptionGuard() as guard:
+      while step < max_iter:
+        t0 = time.perf_counter()
+        host_batch = next(data_iter)
+        t1 = time.perf_counter()
+        try:
+          batch = model_batch(host_batch)
+          jax.block_until_ready(batch["latents"])
+          t2 = time.perf_counter()
+          state, dev_metrics = train_step(state, batch, base_rng)
+          m = _host_metrics(dev_metrics)  # waits for the step: loss is checked every step
+        except Exception as err:  # noqa: BLE001 - re-raised with a hint when it is an OOM
+          raise _oom_hint(err) from err
+        t3 = time.perf_counter()
+        step += 1
+        if not np.isfinite(m["loss"]):
+          raise NonFiniteLossError(
+              f"non-finite loss {m['loss']} at step {step}; the last good checkpoint "
+              f"({checkpointer.latest_step()}) is kept in {workdir / 'checkpoints'}")
+        m.update(data_wait_s=t1 - t0, vae_s=t2 - t1, step_s=t3 - t2)
+        window.append(m)
+        if step % int(config.trainer.logging_iter) == 0 or step == max_iter:
+          metrics = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
+          tflops = flops_per_step / metrics["step_s"] / jax.device_count() / 1e12
+          metrics.update(tflops_per_device=tflops, **_memory_gib())
+          if peak:
+            metrics["mfu"] = tflops * 1e12 / peak
+          logger.log(step, metrics)
+          logger.progress(step, {k: metrics[k] for k in ("loss", "lr", "grad_norm", "step_s", "data_wait_s")})
+          window = []
+        if step % int(config.trainer.save_iter) == 0 or guard.requested:
+          save(step)
+          last_saved = step
+        if config.trainer.run_validation and step % int(config.trainer.validation_iter) == 0:
+          logger.log(step, validate(), prefix="val")
+        if step % int(config.trainer.sample_iter) == 0:
+          sampler.write(step, state, host_batch)
+        if guard.requested:
+          _log.warning("%s received: saved step %d, exiting", guard.signal_name, step)
+          break
+    if last_saved != step:
+      save(step, force=True)
+  finally:
+    checkpointer.close()
+    logger.close()
+  return {"step": step, "metrics": metrics, "job_dir": str(workdir)}
