@@ -90,8 +90,14 @@ def render_frames(num_frames: int, height: int, width: int, seed: int) -> np.nda
   return frames
 
 
-def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: float = 16, *, crf: int = 12) -> None:
-  """Encodes uint8 RGB frames [T, H, W, 3] as H.264 yuv420p (mpeg4 if no libx264) with PyAV."""
+def write_mp4(
+    path: str | os.PathLike, frames: np.ndarray, fps: float = 16, *, crf: int = 12, threads: int = 1
+) -> None:
+  """Encodes uint8 RGB frames [T, H, W, 3] as H.264 yuv420p (mpeg4 if no libx264) with PyAV.
+
+  ``threads=1`` makes the bitstream reproducible (multi-threaded x264 is not bit-stable);
+  0 lets the encoder pick (fast, for large benchmark clips).
+  """
   import av  # pylint: disable=import-outside-toplevel
 
   t, h, w, _ = frames.shape
@@ -105,9 +111,12 @@ def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: float = 16, *, c
     stream = out.add_stream(codec, rate=fractions.Fraction(fps).limit_denominator(1001))
     stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
     if codec == "libx264":
-      stream.options = {"crf": str(crf), "preset": "veryfast"}
+      stream.options = {"crf": str(crf), "preset": "veryfast", "threads": str(threads)}
+    stream.codec_context.time_base = fractions.Fraction(1, 1) / stream.codec_context.framerate
     for i in range(t):
-      for packet in stream.encode(av.VideoFrame.from_ndarray(frames[i], format="rgb24")):
+      frame = av.VideoFrame.from_ndarray(frames[i], format="rgb24")
+      frame.pts = i  # explicit timestamps: x264's rate control must not see run-dependent ones
+      for packet in stream.encode(frame):
         out.mux(packet)
     for packet in stream.encode():
       out.mux(packet)
