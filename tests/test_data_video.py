@@ -111,7 +111,7 @@ def test_decode_window_content_and_fps(clip_file, backend):
   assert clip.video.shape == (3, 9, 64, 96) and clip.video.dtype == np.uint8
   assert clip.fps == pytest.approx(24.0) and clip.total_frames == 20 and clip.start == 7
   right = _err(clip.video, frames[7:16])
-  assert right < 6  # H.264 at crf 12
+  assert right < 6  # H.264 at qp 12
   assert right < 0.5 * min(_err(clip.video, frames[6:15]), _err(clip.video, frames[8:17]))
 
 

@@ -47,7 +47,7 @@ class SampleSpec:
   text_tokens: int = 16
   text_width: int = 48
   seed: int = 0
-  crf: int = 12
+  qp: int = 12  # H.264 constant quantiser (lower = better)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -91,12 +91,13 @@ def render_frames(num_frames: int, height: int, width: int, seed: int) -> np.nda
 
 
 def write_mp4(
-    path: str | os.PathLike, frames: np.ndarray, fps: float = 16, *, crf: int = 12, threads: int = 1
+    path: str | os.PathLike, frames: np.ndarray, fps: float = 16, *, qp: int = 12, threads: int = 1
 ) -> None:
   """Encodes uint8 RGB frames [T, H, W, 3] as H.264 yuv420p (mpeg4 if no libx264) with PyAV.
 
-  ``threads=1`` makes the bitstream reproducible (multi-threaded x264 is not bit-stable);
-  0 lets the encoder pick (fast, for large benchmark clips).
+  Constant quantiser ``qp`` (no rate control: x264's crf/mb-tree lookahead gave different
+  bitstreams for the same frames, measured) and ``threads=1`` make the file reproducible;
+  ``threads=0`` lets the encoder pick (fast, for large benchmark clips).
   """
   import av  # pylint: disable=import-outside-toplevel
 
@@ -111,7 +112,9 @@ def write_mp4(
     stream = out.add_stream(codec, rate=fractions.Fraction(fps).limit_denominator(1001))
     stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
     if codec == "libx264":
-      stream.options = {"crf": str(crf), "preset": "veryfast", "threads": str(threads)}
+      stream.options = {"qp": str(qp), "preset": "veryfast", "threads": str(threads)}
+    else:
+      stream.options = {"qscale": "2", "threads": str(threads)}
     stream.codec_context.time_base = fractions.Fraction(1, 1) / stream.codec_context.framerate
     for i in range(t):
       frame = av.VideoFrame.from_ndarray(frames[i], format="rgb24")
@@ -185,7 +188,7 @@ def make_sample_dataset(
   for i in range(spec.num_videos):
     stem = f"sample_{i:04d}"
     frames = render_frames(spec.frames, spec.height, spec.width, seed=spec.seed * 100003 + i)
-    write_mp4(out / "videos" / f"{stem}.mp4", frames, spec.fps, crf=spec.crf)
+    write_mp4(out / "videos" / f"{stem}.mp4", frames, spec.fps, qp=spec.qp)
     caption = spec.captions[i % len(spec.captions)]
     (out / "metas" / f"{stem}.txt").write_text(caption + "\n")
     captions.append(caption)
