@@ -1,8 +1,10 @@
 """The single attention op of the DiT: full softmax attention, no mask, scale 1/sqrt(head_dim).
 
-Blocks call :func:`dot_product_attention` with a backend *name*; adding a backend (e.g. a Ulysses
-context-parallel wrapper doing all-to-alls over the mesh ``context`` axis inside ``shard_map``
-around the cuDNN call) means adding a branch here, without touching the blocks.
+Blocks call :func:`dot_product_attention` with a backend *name* (the local kernel) and the logical
+axis rules. When the ambient mesh (``jax.set_mesh``) splits the ``act_length`` logical axis over more
+than one device, the kernel runs inside ``shard_map`` (``v2w_jax/parallel/context_attention.py``):
+Ulysses all-to-alls for self-attention, sequence-sharded queries for cross-attention. Model code never
+names a mesh axis.
 
 The output is tagged with :data:`ATTENTION_OUT_NAME` (``checkpoint_name``) so the
 ``save_attention`` remat policy (``remat.py``) can keep it.
@@ -10,9 +12,15 @@ The output is tagged with :data:`ATTENTION_OUT_NAME` (``checkpoint_name``) so th
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
+
+from v2w_jax.parallel import context_attention
 
 ATTENTION_OUT_NAME = "attention_out"
 BACKENDS = ("auto", "cudnn", "xla")
@@ -28,18 +36,35 @@ def resolve_backend(backend: str, platform: str | None = None) -> str:
   return "cudnn" if platform in ("gpu", "cuda") else "xla"
 
 
-def dot_product_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *, backend: str) -> jnp.ndarray:
+def dot_product_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *, backend: str,
+                          logical_axis_rules: Sequence[tuple[str, Any]] | None = None,
+                          self_attention: bool = True) -> jnp.ndarray:
   """softmax(q·kᵀ/√d)·v over ``[B, L, heads, head_dim]`` ("BLHD") inputs.
 
   Args:
     q: queries ``[B, Lq, H, D]``.
     k, v: keys / values ``[B, Lk, H, D]``.
-    backend: 'cudnn' (fused cuDNN kernel; q/k/v cast to bf16 as the reference does), 'xla' (in
-      the input dtype), or 'auto'.
+    backend: the local kernel: 'cudnn' (fused cuDNN kernel; q/k/v cast to bf16 as the reference
+      does), 'xla' (in the input dtype), or 'auto'.
+    logical_axis_rules: the model's rules; given, and the ambient mesh splits ``act_length`` (the
+      video tokens, here q's ``Lq``) over devices, attention is context-parallel. None: never.
+    self_attention: k/v are the same token sequence as q (Ulysses all-to-all); False: k/v are a
+      separate short sequence (text) kept whole on every device.
 
   Returns:
     ``[B, Lq, H, D]`` in q's dtype.
   """
+  kernel = functools.partial(local_attention, backend=resolve_backend(backend))
+  plan = None if logical_axis_rules is None else context_attention.context_parallel_plan(logical_axis_rules)
+  if plan is None:
+    return kernel(q, k, v)
+  if self_attention:
+    return context_attention.ulysses_attention(q, k, v, kernel, plan)
+  return context_attention.query_sharded_attention(q, k, v, kernel, plan)
+
+
+def local_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *, backend: str) -> jnp.ndarray:
+  """The kernel on whole sequences (no mesh logic); output tagged :data:`ATTENTION_OUT_NAME`."""
   backend = resolve_backend(backend)
   out_dtype = q.dtype
   if backend == "cudnn":

@@ -51,7 +51,8 @@ class Attention(nn.Module):
       # (the reference attention helper casts q/k/v to bf16 anyway).
       q = apply_rope(q, rope_cos, rope_sin).astype(cfg.jnp_dtype)
       k = apply_rope(k, rope_cos, rope_sin).astype(cfg.jnp_dtype)
-    out = dot_product_attention(q, k, v, backend=cfg.attention_backend)
+    out = dot_product_attention(q, k, v, backend=cfg.attention_backend,
+                                logical_axis_rules=cfg.logical_axis_rules, self_attention=not self.cross)
     out = out.reshape(*out.shape[:-2], d)
     return dense(d, (R.HEADS, R.EMBED), name="output_proj", **kw)(out)
 
