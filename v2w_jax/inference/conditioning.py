@@ -89,15 +89,18 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 def read_video_tail(path: str | os.PathLike, num_frames: int) -> np.ndarray:
   """The last ``num_frames`` frames of a video as uint8 RGB [num_frames, H, W, 3]."""
   path = os.fspath(path)
-  try:
-    reader = video_lib.open_reader(path)
-    total = int(reader.total)
-    if total < num_frames:
-      raise InputError(f"{path}: the video has {total} frame(s), fewer than the {num_frames} that "
-                       f"{'2 conditional latent frames need' if num_frames > 1 else 'are needed'}")
-    return reader.read(total - num_frames, num_frames)
-  except video_lib.VideoError as e:
-    raise InputError(str(e)) from e
+  errors = []
+  for backend in ("auto", "pyav"):  # decord first when installed; PyAV if decord fails on this file
+    try:
+      reader = video_lib.open_reader(path, backend=backend)
+      total = int(reader.total)
+      if total < num_frames:
+        raise InputError(f"{path}: the video has {total} frame(s), fewer than the {num_frames} that "
+                         f"{'2 conditional latent frames need' if num_frames > 1 else 'are needed'}")
+      return reader.read(total - num_frames, num_frames)
+    except video_lib.VideoError as e:
+      errors.append(str(e))
+  raise InputError(errors[-1] if len(set(errors)) == 1 else "; ".join(errors))
 
 
 def conditional_frames(input_path: str | os.PathLike, num_conditional_frames: int, size: Sequence[int],
