@@ -6,7 +6,7 @@ matches the reference fixtures.
 
 How a trainer uses it::
 
-    cfg = DiTConfig.from_config(config.model)
+    cfg = DiTConfig.from_config(config.model, logical_axis_rules=config.mesh.rules)
     # (a) abstract params (boxed ShapeDtypeStructs carrying logical axis names; nothing allocated)
     abstract = abstract_variables(cfg)            # {'params': ...}
     # (b) logical PartitionSpecs per param, then physical shardings for a mesh
