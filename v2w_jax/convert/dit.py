@@ -173,7 +173,6 @@ def torch_to_params(
   out_dtype = np.dtype(dtype) if dtype is not None else cfg.np_param_dtype
   abstract = abstract_params(cfg)
   table = key_table(cfg, abstract)
-  extras = set(extra_state_keys(table))
   buffers = rope_buffers(cfg)
   unknown, bad, seen = [], [], set()
   for full_key, value in state_dict.items():
@@ -190,8 +189,8 @@ def torch_to_params(
       problem = _check_rope_buffer(full_key, value, buffers[key])
       if problem:
         bad.append(problem)
-    elif key in extras or key in _COUNTERS:
-      continue
+    elif key.endswith("_extra_state") or key.startswith("accum_"):
+      continue  # TE metadata / training counters: recognised, not loaded
     else:
       unknown.append(full_key)
   missing = [prefix + k for k in list(table) + list(buffers) if k not in seen]
