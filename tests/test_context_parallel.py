@@ -84,9 +84,11 @@ def _worker() -> dict:
 
     return jax.jit(jax.grad(loss, has_aux=True))
 
-  result = {"cases": {}, "errors": {}}
+  result = {"cases": {}, "errors": {}, "reference_all_to_all": None}
   with jax.default_matmul_precision("highest"):
-    ref_grads, ref_out = grad_fn(ref_cfg)(params, *inputs)
+    ref_compiled = grad_fn(ref_cfg).lower(params, *inputs).compile()
+    result["reference_all_to_all"] = _count_attention_all_to_all(ref_compiled.as_text())
+    ref_grads, ref_out = ref_compiled(params, *inputs)
     ref_grads = jax.tree.map(np.asarray, ref_grads)
     ref_out = np.asarray(ref_out)
 
@@ -131,8 +133,6 @@ def _worker() -> dict:
 
     result["errors"]["heads"] = trace_error(dict(data=1, fsdp=1, context=8), (4, 8, 8))
     result["errors"]["tokens"] = trace_error(dict(data=1, fsdp=4, context=2), (1, 6, 6))
-    result["reference_all_to_all"] = _count_attention_all_to_all(
-        grad_fn(ref_cfg).lower(params, *inputs).compile().as_text())
   return result
 
 
