@@ -132,7 +132,7 @@ def generate_all(specs: Sequence[Any], pipe, resolver, output_dir: str | os.Path
           shift=spec.shift)
       result = pipe.generate(req)
       t0 = time.perf_counter()
-      write_mp4(out_path, result.video, spec.fps)
+      write_mp4(out_path, result.video, spec.fps, threads=0)
       timings = dict(result.timings, write=time.perf_counter() - t0)
       record = dict(name=spec.name, output=str(out_path), inference_type=spec.inference_type,
                     prompt=spec.prompt, prompt_embedding=spec.prompt_embedding,
@@ -175,8 +175,12 @@ def main(argv: Sequence[str]) -> int:
   except (spec_lib.SpecError, embeddings.EmbeddingError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  pipe, info = build_pipeline(config, checkpoint=_CHECKPOINT.value, vae_checkpoint=_VAE_CHECKPOINT.value,
-                              allow_random_weights=_ALLOW_RANDOM.value, use_ema=_USE_EMA.value)
+  try:
+    pipe, info = build_pipeline(config, checkpoint=_CHECKPOINT.value, vae_checkpoint=_VAE_CHECKPOINT.value,
+                                allow_random_weights=_ALLOW_RANDOM.value, use_ema=_USE_EMA.value)
+  except ValueError as e:  # bad / missing weights (WeightsError), unsupported objective
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   records = generate_all(specs, pipe, resolver, _OUTPUT_DIR.value, info=info, keep_going=_KEEP_GOING.value)
   failed = [r for r in records if "error" in r]
   _log.info("%d sample(s) written to %s, %d failed", len(records) - len(failed), _OUTPUT_DIR.value, len(failed))

@@ -1,0 +1,88 @@
+"""``python -m v2w_jax.generate`` end to end on the tiny config (CPU, random weights, 2 steps)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from v2w_jax.data.sample_dataset import write_mp4
+
+
+def _run(repo_root, *args: str) -> subprocess.CompletedProcess:
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "v2w_jax.generate", "--config=configs/tiny.py", *args],
+                        cwd=repo_root, env=env, capture_output=True, text=True, timeout=600, check=False)
+
+
+def _read_mp4(path):
+  import av  # pylint: disable=import-outside-toplevel
+
+  with av.open(str(path)) as c:
+    stream = c.streams.video[0]
+    frames = [f.to_ndarray(format="rgb24") for f in c.decode(stream)]
+    return np.stack(frames), float(stream.average_rate)
+
+
+def _write_png(path, img):
+  import av  # pylint: disable=import-outside-toplevel
+
+  with av.open(str(path), "w", format="image2") as out:
+    s = out.add_stream("png")
+    s.width, s.height, s.pix_fmt = img.shape[1], img.shape[0], "rgb24"
+    for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+      out.mux(p)
+    for p in s.encode():
+      out.mux(p)
+
+
+@pytest.fixture()
+def assets(tmp_path):
+  rng = np.random.default_rng(0)
+  np.save(tmp_path / "emb.npy", rng.standard_normal((16, 48)).astype(np.float32))  # tiny DiT: D = 48
+  np.save(tmp_path / "neg.npy", rng.standard_normal((16, 48)).astype(np.float32))
+  _write_png(tmp_path / "img.png", rng.integers(0, 256, (40, 64, 3), dtype=np.uint8))
+  write_mp4(tmp_path / "clip.mp4", rng.integers(0, 256, (7, 36, 48, 3), dtype=np.uint8), 16)
+  return tmp_path
+
+
+def test_cli_end_to_end(repo_root, assets, tmp_path):
+  spec = [
+      {"name": "img", "prompt_embedding": "emb.npy", "negative_prompt_embedding": "neg.npy",
+       "input_path": "img.png", "num_steps": 2, "seed": 1},
+      {"name": "vid", "prompt_embedding": "emb.npy", "input_path": "clip.mp4", "num_steps": 2,
+       "num_frames": 13, "output": "sub/vid.mp4"},
+  ]
+  (assets / "spec.json").write_text(json.dumps(spec))
+  out = tmp_path / "out"
+  r = _run(repo_root, f"--spec={assets / 'spec.json'}", f"--output_dir={out}", "--allow_random_weights",
+           f"--negative_prompt_embedding={assets / 'neg.npy'}")
+  assert r.returncode == 0, r.stderr[-4000:]
+  for path, frames in ((out / "img.mp4", 9), (out / "sub" / "vid.mp4", 13)):
+    video, fps = _read_mp4(path)
+    assert video.shape == (frames, 32, 48, 3) and fps == 16.0, (path, video.shape, fps)
+    record = json.loads(path.with_suffix(".json").read_text())
+    assert record["num_frames"] == frames and record["checkpoint"] == "random"
+  rec = json.loads((out / "sub" / "vid.json").read_text())
+  assert rec["inference_type"] == "video2world" and rec["num_conditional_frames"] == 2
+  assert rec["negative_prompt_embedding"] == str(assets / "neg.npy")  # the CLI default applied
+  assert json.loads((out / "img.json").read_text())["inference_type"] == "image2world"
+
+
+def test_cli_rejects_bad_spec_and_missing_weights(repo_root, assets, tmp_path):
+  (assets / "bad.json").write_text(json.dumps([{"name": "a", "prompt_embedding": "emb.npy", "guidance": -2}]))
+  r = _run(repo_root, f"--spec={assets / 'bad.json'}", "--allow_random_weights")
+  assert r.returncode == 2 and f"{assets / 'bad.json'}: entry 0 ('a'): field 'guidance'" in r.stderr, r.stderr
+  np.save(assets / "wide.npy", np.zeros((16, 7), np.float32))
+  (assets / "w.json").write_text(json.dumps([{"name": "a", "prompt_embedding": "wide.npy"},
+                                             {"name": "b", "prompt": "no store has this"}]))
+  r = _run(repo_root, f"--spec={assets / 'w.json'}", "--allow_random_weights",
+           f"--text_embeddings_dir={tmp_path / 'none'}")
+  assert r.returncode == 2 and "width 7" in r.stderr and "no embedding for prompt 'no store has this'" in r.stderr
+  (assets / "ok.json").write_text(json.dumps([{"name": "a", "prompt_embedding": "emb.npy"}]))
+  r = _run(repo_root, f"--spec={assets / 'ok.json'}", f"--output_dir={tmp_path / 'o'}")
+  assert r.returncode == 2 and "--allow_random_weights" in r.stderr, r.stderr[-2000:]
