@@ -75,6 +75,8 @@ def build_pipeline(config, *, checkpoint: str = "", vae_checkpoint: str = "", al
   Returns:
     (pipeline, info) where info records where the weights came from.
   """
+  import jax  # pylint: disable=import-outside-toplevel
+
   from v2w_jax.inference import pipeline as pipeline_lib  # pylint: disable=import-outside-toplevel
   from v2w_jax.inference import weights  # pylint: disable=import-outside-toplevel
   from v2w_jax.models.dit_config import DiTConfig  # pylint: disable=import-outside-toplevel
@@ -101,9 +103,17 @@ def build_pipeline(config, *, checkpoint: str = "", vae_checkpoint: str = "", al
   vae_params = weights.load_vae_params(vae_path, vae_cfg) if vae_path else weights.random_vae_params(vae_cfg, seed)
   info["load_s"] = time.perf_counter() - t0
   cond = _cfg_get(config, "conditioning", None)
+  mesh = None
+  if jax.device_count() > 1:
+    # Several GPUs: the config's mesh (e.g. --config.mesh.data=2 --config.mesh.fsdp=1 splits the two CFG
+    # branches, --config.mesh.context=N each clip's tokens); parameters are replicated.
+    from v2w_jax.parallel.mesh import make_mesh  # pylint: disable=import-outside-toplevel
+
+    mesh = make_mesh(config.mesh)
+    info["mesh"] = dict(mesh.shape)
   pipe = pipeline_lib.Video2WorldPipeline(
       dit_cfg, vae_cfg, dit_params, vae_params,
-      conditional_frame_timestep=float(_cfg_get(cond, "conditional_frame_timestep", -1.0)))
+      conditional_frame_timestep=float(_cfg_get(cond, "conditional_frame_timestep", -1.0)), mesh=mesh)
   return pipe, info
 
 

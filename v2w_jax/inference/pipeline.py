@@ -15,6 +15,7 @@ callback can reuse one pipeline with new EMA weights each time: ``pipeline.gener
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from typing import Any, Sequence
@@ -100,12 +101,14 @@ class Video2WorldPipeline:
       guidance_form: str = "video2world",
       use_karras_sigmas: bool = False,
       text_dtype: Any = jnp.bfloat16,
+      mesh: jax.sharding.Mesh | None = None,
   ):
     if dit_cfg.in_channels != vae_cfg.z_dim or dit_cfg.out_channels != vae_cfg.z_dim:
       raise ValueError(f"DiT in/out channels {dit_cfg.in_channels}/{dit_cfg.out_channels} != VAE z_dim "
                        f"{vae_cfg.z_dim}")
     self.dit_cfg, self.vae_cfg = dit_cfg, vae_cfg
-    self.dit_params, self.vae_params = dit_params, vae_params
+    self.mesh = mesh
+    self.dit_params, self.vae_params = self.put(dit_params), self.put(vae_params)
     self.conditional_frame_timestep = float(conditional_frame_timestep)
     self.guidance_form = guidance_form
     self.use_karras_sigmas = bool(use_karras_sigmas)
@@ -114,6 +117,19 @@ class Video2WorldPipeline:
     self._sample_fns: dict[tuple, Any] = {}
     self._encode = jax.jit(self._encode_impl, static_argnums=(2,))
     self._decode = jax.jit(self._decode_impl)
+
+  # ---- devices --------------------------------------------------------------------------------
+  def put(self, tree: Any) -> Any:
+    """Device arrays: replicated over the mesh when there is one (params of the 2B DiT fit one GPU)."""
+    if self.mesh is None:
+      return jax.tree.map(jnp.asarray, tree)
+    rep = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    return jax.device_put(tree, rep)
+
+  def _mesh_scope(self):
+    """``jax.set_mesh(mesh)``: binds the model's logical activation constraints (batch over data,
+    tokens over context) to the mesh; a no-op context without one."""
+    return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
   # ---- shapes ---------------------------------------------------------------------------------
   @property
@@ -192,8 +208,9 @@ class Video2WorldPipeline:
         or frames.shape[2:] != (h * sf, w * sf):
       raise ValueError(f"cond_frames must be uint8 [3, >= {need}, {h * sf}, {w * sf}], got "
                        f"{frames.shape} {frames.dtype}")
-    params = self.vae_params if vae_params is None else vae_params
-    return self._encode(params, jnp.asarray(frames[None, :, :need]), int(t))
+    params = self.vae_params if vae_params is None else self.put(vae_params)
+    with self._mesh_scope():
+      return self._encode(params, self.put(frames[None, :, :need]), int(t))
 
   def sample_latents(self, latent_shape: Sequence[int], text: Array, uncond_text: Array | None, gt: Array | None,
                      num_conditional_frames: int, *, seed: int, guidance: float, num_steps: int, shift: float,
@@ -211,12 +228,15 @@ class Video2WorldPipeline:
       raise ValueError(f"negative text embedding shape {tuple(uncond_text.shape)} != text embedding shape "
                        f"{tuple(text.shape)} (both CFG branches run in one batch)")
     fn = self.sample_fn(num_steps, shift, guided)
-    params = self.dit_params if dit_params is None else dit_params
-    return fn(params, noise, text, uncond_text if guided else text, gt, mask, jnp.float32(guidance))
+    params = self.dit_params if dit_params is None else self.put(dit_params)
+    args = self.put((noise, text, uncond_text if guided else text, gt, mask, jnp.float32(guidance)))
+    with self._mesh_scope():
+      return fn(params, *args)
 
   def decode(self, latents: Array, vae_params: Any = None) -> Array:
     """uint8 frames [T, H, W, 3] (on device)."""
-    return self._decode(self.vae_params if vae_params is None else vae_params, latents)
+    with self._mesh_scope():
+      return self._decode(self.vae_params if vae_params is None else self.put(vae_params), latents)
 
   def generate(self, req: GenerationRequest, *, dit_params: Any = None, vae_params: Any = None
                ) -> GenerationResult:
