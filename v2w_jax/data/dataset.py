@@ -112,6 +112,9 @@ class DataSpec:
     else:
       raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     embeddings_dir = d.get("embeddings_dir", "") if split == "train" else ""
+    # Validation reads a few batches per evaluation from a fresh loader: worker processes would
+    # be spawned each time for little work, so it runs inline unless data.val_num_workers says so.
+    num_workers = d.get("num_workers", 0) if split == "train" else d.get("val_num_workers", 0)
     return cls(
         dataset_dir=str(dataset_dir),
         embeddings_dir=str(text_lib.default_store_dir(dataset_dir, embeddings_dir)),
@@ -120,7 +123,7 @@ class DataSpec:
         text_tokens=int(d.text_tokens),
         text_width=int(config.model.crossattn_proj_in_channels),
         global_batch_size=int(d.global_batch_size),
-        num_workers=int(d.get("num_workers", 0)),
+        num_workers=int(num_workers),
         prefetch_buffer_size=int(d.get("prefetch_buffer_size", 2)),
         skip_bad_files=bool(d.get("skip_bad_files", False)),
         check_at_start=bool(d.get("check_at_start", True)),
