@@ -111,7 +111,8 @@ class DataSpec:
         raise DataError("config.data.val_dataset_dir is empty: no validation dataset configured")
     else:
       raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    embeddings_dir = d.get("embeddings_dir", "") if split == "train" else ""
+    # A store is keyed by caption, so a configured embeddings_dir serves both splits.
+    embeddings_dir = d.get("embeddings_dir", "")
     # Validation reads a few batches per evaluation from a fresh loader: worker processes would
     # be spawned each time for little work, so it runs inline unless data.val_num_workers says so.
     num_workers = d.get("num_workers", 0) if split == "train" else d.get("val_num_workers", 0)
