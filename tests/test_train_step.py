@@ -333,6 +333,11 @@ def _worker(out_dir: str, use_dit: bool) -> None:
           for m, p in zip(jax.tree.leaves(state.opt_state.mu), jax.tree.leaves(state.params)))
       step = step_lib.make_jitted_train_step(cfg, mesh, apply_fn, shardings, tx=tx)
       batch_in = jax.device_put(batch, S.batch_sharding(mesh))
+      if not use_dit:
+        # A global batch smaller than data×fsdp is replicated instead of failing; eval on the mesh.
+        step.lower(state, make_batch(b=2, seed=1), rng)
+        ev = step_lib.jit_eval_step(step_lib.make_eval_step(cfg, apply_fn), mesh, shardings.params)
+        info[f"{name}_eval_loss"] = float(ev(state.params, batch_in, rng, 500.0)["loss"])
     losses, norms = [], []
     for _ in range(steps):
       state, m = step(state, batch if mesh_cfg is None else batch_in, rng)
@@ -355,14 +360,17 @@ def _worker(out_dir: str, use_dit: bool) -> None:
 
 def _plain_reference(toy_setup) -> dict[str, np.ndarray]:
   """The one-device run of the worker's toy-model recipe (same config, init, batch, rng, step count)."""
-  _, _, state, step = toy_setup
+  cfg, _, state, step = toy_setup
   batch, rng = make_batch(b=FSDP_BATCH, seed=FSDP_SEED), jax.random.key(FSDP_RNG)
   out = {"plain_loss": [], "plain_grad_norm": []}
+  ev = jax.jit(step_lib.make_eval_step(cfg, toy_apply))
+  eval_loss = float(ev(state.params, batch, rng, jnp.float32(500.0))["loss"])  # initial params, as the worker
   for _ in range(FSDP_STEPS):
     state, m = step(state, batch, rng)
     out["plain_loss"].append(float(m["loss"]))
     out["plain_grad_norm"].append(float(m["grad_norm"]))
   out = {k: np.asarray(v) for k, v in out.items()}
+  out["plain_eval_loss"] = eval_loss
   for i, leaf in enumerate(jax.tree.leaves(state.params)):
     out[f"plain_param_{i}"] = np.asarray(leaf, np.float32)
   for i, leaf in enumerate(jax.tree.leaves(state.ema_params)):
@@ -379,8 +387,10 @@ def _run_worker(repo_root, tmp_path, use_dit: bool):
   return dict(np.load(tmp_path / "results.npz")), json.loads((tmp_path / "results.json").read_text())
 
 
-def _check_equivalence(res, info, names=("d2f4", "d1f8")):
+def _check_equivalence(res, info, names=("d2f4", "d1f8"), plain_eval_loss=None):
   for name in names:
+    if plain_eval_loss is not None:
+      assert info[f"{name}_eval_loss"] == pytest.approx(plain_eval_loss, rel=2e-5)
     assert info[f"{name}_born_sharded"] and info[f"{name}_mu_follows_params"], info
     assert info[f"{name}_fsdp_sharded_params"] >= 2, info
     assert info[f"{name}_params_still_sharded"], info
@@ -396,7 +406,7 @@ def _check_equivalence(res, info, names=("d2f4", "d1f8")):
 def test_fsdp_equivalence_toy_model(repo_root, tmp_path, toy_setup):
   res, info = _run_worker(repo_root, tmp_path, use_dit=False)
   res.update(_plain_reference(toy_setup))
-  _check_equivalence(res, info)
+  _check_equivalence(res, info, plain_eval_loss=res.pop("plain_eval_loss"))
 
 
 @pytest.mark.slow

@@ -215,24 +215,43 @@ def make_eval_step(
   return eval_step
 
 
+def _batch_signature(batch: Batch):
+  leaves, treedef = jax.tree.flatten(batch)
+  return treedef, tuple(tuple(jnp.shape(x)) for x in leaves)
+
+
 def jit_train_step(train_step: Callable, mesh: jax.sharding.Mesh, state_shardings: Any, *,
                    donate: bool = True) -> Callable:
-  """``jax.jit`` with explicit shardings: state per ``state_shardings`` (donated), every batch leaf's
-  first dim over ('data', 'fsdp'), rng and metrics replicated. The call runs under
-  ``jax.set_mesh(mesh)`` so the model's logical activation constraints bind to the mesh."""
+  """``jax.jit`` with explicit shardings: state per ``state_shardings`` (donated), each batch leaf's
+  first dim over ('data', 'fsdp') (replicated when that product does not divide it, e.g. a global
+  batch smaller than the device count), rng and metrics replicated. The call runs under
+  ``jax.set_mesh(mesh)`` so the model's logical activation constraints bind to the mesh.
+
+  The returned callable has ``.lower(state, batch, rng)`` for ahead-of-time compilation.
+  """
   rep = sharding_lib.replicated(mesh)
-  jitted = jax.jit(
-      train_step,
-      in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh), rep),
-      out_shardings=(state_shardings, rep),
-      donate_argnums=(0,) if donate else (),
-  )
+  cache: dict[Any, Callable] = {}
+
+  def jitted_for(batch):
+    sig = _batch_signature(batch)
+    if sig not in cache:
+      cache[sig] = jax.jit(
+          train_step,
+          in_shardings=(state_shardings, sharding_lib.batch_shardings_for(batch, mesh), rep),
+          out_shardings=(state_shardings, rep),
+          donate_argnums=(0,) if donate else (),
+      )
+    return cache[sig]
 
   def call(state, batch, rng):
     with jax.set_mesh(mesh):
-      return jitted(state, batch, rng)
+      return jitted_for(batch)(state, batch, rng)
 
-  call.jitted = jitted
+  def lower(state, batch, rng):
+    with jax.set_mesh(mesh):
+      return jitted_for(batch).lower(state, batch, rng)
+
+  call.lower = lower
   call.mesh = mesh
   return call
 
@@ -254,16 +273,18 @@ def make_jitted_train_step(
 
 
 def jit_eval_step(eval_step: Callable, mesh: jax.sharding.Mesh, param_shardings: Any) -> Callable:
-  """Jitted ``eval_step`` with params per ``param_shardings``, batch over ('data', 'fsdp')."""
+  """Jitted ``eval_step`` with params per ``param_shardings``, batch leaves over ('data', 'fsdp')."""
   rep = sharding_lib.replicated(mesh)
-  jitted = jax.jit(eval_step, in_shardings=(param_shardings, sharding_lib.batch_sharding(mesh), rep, rep),
-                   out_shardings=rep)
+  cache: dict[Any, Callable] = {}
 
   def call(params, batch, rng, timesteps):
+    sig = _batch_signature(batch)
+    if sig not in cache:
+      cache[sig] = jax.jit(eval_step, in_shardings=(param_shardings, sharding_lib.batch_shardings_for(batch, mesh),
+                                                    rep, rep), out_shardings=rep)
     with jax.set_mesh(mesh):
-      return jitted(params, batch, rng, jnp.asarray(timesteps, jnp.float32))
+      return cache[sig](params, batch, rng, jnp.asarray(timesteps, jnp.float32))
 
-  call.jitted = jitted
   return call
 
 
