@@ -224,7 +224,9 @@ def random_params_like(abstract: Any, seed: int = 0, *, stacked: tuple[str, ...]
       std = 1.0 / np.sqrt(max(1, int(np.prod(dims))))
     else:
       std = 0.02
-    return (rng.standard_normal(shape, dtype=np.float32) * np.float32(std)).astype(dtype)
+    arr = rng.standard_normal(shape, dtype=np.float32)
+    arr *= np.float32(std)
+    return arr.astype(dtype, copy=False)
 
   return jax.tree_util.tree_map_with_path(fill, abstract)
 
