@@ -138,7 +138,8 @@ def make_train_step(
   ``tx`` defaults to ``optim.make_optimizer(config)``; it must be the one the state was created with.
   Metrics (float32 scalars): loss, grad_norm (pre-clip, after nan→0), grad_nonfinite (count of
   nan/inf gradient entries), clip_coef, lr, ema_beta, num_conditional_frames (mean), caption_dropped
-  (fraction), sigma_mean, timestep_mean.
+  (fraction), sigma_mean, timestep_mean. ``lr`` is the schedule at ``state.step``; the optimizer applies
+  the schedule at its own count, which equals ``state.step`` for a state built by ``training/state.py``.
   """
   tx = tx or optim_lib.make_optimizer(config)
   loss_fn = make_loss_fn(config, apply_fn, encode_fn, objective)
