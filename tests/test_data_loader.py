@@ -86,14 +86,14 @@ def test_every_epoch_is_a_new_permutation_and_windows_vary(config):
 
 def test_processes_get_disjoint_shards_of_one_global_stream(config):
   c = config.copy_and_resolve_references()
-  c.data.global_batch_size = 2
-  single = _take(_loader(c, seed=1), 6)
-  p0 = _take(_loader(c, seed=1, process_index=0, process_count=2), 6)
-  p1 = _take(_loader(c, seed=1, process_index=1, process_count=2), 6)
+  c.data.global_batch_size = 4
+  single = _take(_loader(c, seed=1), 4)
+  p0 = _take(_loader(c, seed=1, process_index=0, process_count=2), 4)
+  p1 = _take(_loader(c, seed=1, process_index=1, process_count=2), 4)
   for s, a, b in zip(single, p0, p1):
-    assert a["video"].shape[0] == 1 and b["video"].shape[0] == 1
-    # Global position 2k goes to process 0, 2k+1 to process 1: together they are the
-    # single-process stream, sample for sample.
+    assert a["video"].shape[0] == 2 and b["video"].shape[0] == 2
+    # Process 0 holds the first half of every global batch, process 1 the second: concatenated
+    # in process order they are the single-process batch, position for position.
     np.testing.assert_array_equal(np.concatenate([a["index"], b["index"]]), s["index"])
     np.testing.assert_array_equal(np.concatenate([a["video"], b["video"]]), s["video"])
   with pytest.raises(dataset_lib.DataError, match="not divisible"):

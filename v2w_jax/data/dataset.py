@@ -10,8 +10,8 @@ Pipeline (grain)::
 
     MapDataset(records) → shuffle(seed), a new permutation every epoch (the reference repeats
     epoch 0's forever) → repeat → map(decode a random window + load the embedding; the window's
-    rng is derived from (seed, epoch, file index)) → slice [process_index::process_count]
-    (disjoint per JAX process) → batch(global_batch / process_count) → to_iter_dataset →
+    rng is derived from (seed, epoch, file index)) → this process's contiguous block of each
+    global batch (ProcessBlocks) → batch(global_batch / process_count) → to_iter_dataset →
     mp_prefetch(num_workers)
 
 Batching happens before the worker split, so each worker builds whole batches and the batch
@@ -205,6 +205,32 @@ class LoadSample:
 # The pipeline.
 
 
+class ProcessBlocks(grain.MapDataset):
+  """This process's contiguous block of every global batch of the sample stream.
+
+  Global batch g holds stream positions [g·B, (g+1)·B); process p takes [g·B + p·b, g·B + (p+1)·b)
+  with b = B / processes. Assembled in process order (``make_array_from_process_local_data``), the
+  global batch is then the single-process batch sample for sample, position for position, so
+  per-position randomness (noise, conditional frames, caption dropout) does not depend on the
+  process count.
+  """
+
+  def __init__(self, parent: grain.MapDataset, process_index: int, process_count: int, local_batch: int):
+    super().__init__(parent)
+    self._local = local_batch
+    self._global = local_batch * process_count
+    self._offset = process_index * local_batch
+
+  def __len__(self) -> int:
+    return len(self._parent) // self._global * self._local
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    batch, within = divmod(index, self._local)
+    return self._parent[batch * self._global + self._offset + within]
+
+
 def build_dataset(
     spec: DataSpec,
     records: Sequence[VideoRecord],
@@ -225,7 +251,7 @@ def build_dataset(
   ds = grain.MapDataset.source([(i, r) for i, r in enumerate(records)])
   ds = ds.shuffle(seed=seed).repeat()
   ds = ds.map_with_index(load)
-  ds = ds[process_index::process_count]
+  ds = ProcessBlocks(ds, process_index, process_count, local_batch)
   ds = ds.batch(local_batch, drop_remainder=True)
   if spec.num_workers > 0:
     _ensure_absl_flags_parsed()

@@ -204,8 +204,6 @@ def train(config) -> dict[str, Any]:
 
   def validate() -> dict[str, float]:
     """EMA loss at fixed timesteps on the first batches of the validation set (same each time)."""
-    if not config.data.get("val_dataset_dir", ""):
-      return {}
     params = state.ema_params if state.ema_params is not None else state.params
     totals: dict[str, list[float]] = {}
     val_iter = dataset_lib.make_loader(config, split="val")
@@ -219,6 +217,10 @@ def train(config) -> dict[str, Any]:
   max_iter = int(config.trainer.max_iter)
   logger = log_lib.MetricLogger(workdir, config, total_steps=max_iter, start_step=start)
   sampler = samples_lib.SampleWriter(config, model, mesh, workdir, logger)
+  sample_iter = int(config.trainer.get("sample_iter", 0))
+  run_validation = bool(config.trainer.run_validation) and bool(config.data.get("val_dataset_dir", ""))
+  if run_validation and start == 0:
+    logger.log(0, validate(), prefix="val")  # the baseline the validation curve starts from
   window: list[dict[str, float]] = []
   step = start
   metrics: dict[str, float] = {}
@@ -257,9 +259,9 @@ def train(config) -> dict[str, Any]:
         if step % int(config.trainer.save_iter) == 0 or guard.requested:
           save(step)
           last_saved = step
-        if config.trainer.run_validation and step % int(config.trainer.validation_iter) == 0:
+        if run_validation and step % int(config.trainer.validation_iter) == 0:
           logger.log(step, validate(), prefix="val")
-        if step % int(config.trainer.sample_iter) == 0:
+        if sample_iter > 0 and step % sample_iter == 0:
           sampler.write(step, state, host_batch)
         if guard.requested:
           _log.warning("%s received: saved step %d, exiting", guard.signal_name, step)
