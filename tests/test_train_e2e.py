@@ -154,5 +154,7 @@ def test_two_processes_match_one_process(dataset, tmp_path):
   for p, o in zip(procs, outs):
     assert p.returncode == 0, o[-5000:]
   losses = lambda out: [m["train/loss"] for m in _metrics(out) if "train/loss" in m]  # noqa: E731
-  np.testing.assert_allclose(losses(two), losses(one), rtol=1e-5)
+  # Same batches, same randomness; only the cross-process (gloo) reductions sum in another order.
+  # A batch assembled in another order differs by ~1e-3 (this test caught that once).
+  np.testing.assert_allclose(losses(two), losses(one), rtol=1e-4)
   assert len(losses(one)) == 6
