@@ -168,3 +168,29 @@ def test_tool_writes_a_store_the_loader_reads(fixture, encoders, tmp_path):
   for i, c in enumerate(caps["captions"][:2]):
     got = store.load(c, 48, enc.width).astype(np.float32)
     assert np.abs(got - out["emb_bf16_p48"][i]).max() <= 0.25
+
+
+def test_tool_adds_the_default_negative_prompt(fixture, encoders, tmp_path):
+  """The CLI stores the reference's default negative prompt under the key the generator's resolver reads,
+  unless --no_negative_prompt."""
+  from tools import compute_text_embeddings as tool  # pylint: disable=import-outside-toplevel
+  from v2w_jax.inference.embeddings import EmbeddingResolver  # pylint: disable=import-outside-toplevel
+  from v2w_jax.inference.spec import DEFAULT_NEGATIVE_PROMPT, load_specs  # pylint: disable=import-outside-toplevel
+
+  d, caps, _ = fixture
+  enc = encoders["float32"]
+  enc.num_tokens = 48
+  common = [f"--model_dir={d}", "--num_tokens=48", "--dtype=float32", "--device=cpu", f"--caption={caps['captions'][0]}"]
+  assert tool.main([*common, f"--out_dir={tmp_path / 'with'}"]) == 0
+  assert tool.main([*common, f"--out_dir={tmp_path / 'without'}", "--no_negative_prompt"]) == 0
+  with_neg = text_lib.TextEmbeddingStore(tmp_path / "with")
+  assert sorted(with_neg.captions()) == sorted([caps["captions"][0], DEFAULT_NEGATIVE_PROMPT])
+  assert list(text_lib.TextEmbeddingStore(tmp_path / "without").captions()) == [caps["captions"][0]]
+  got = with_neg.load(DEFAULT_NEGATIVE_PROMPT, 48, enc.width)  # the store keeps bf16
+  want = enc.embed([DEFAULT_NEGATIVE_PROMPT])[0].astype(text_lib.BF16)
+  np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
+  (tmp_path / "spec.json").write_text(json.dumps({"name": "a", "prompt": caps["captions"][0]}))
+  spec, = load_specs(tmp_path / "spec.json")
+  _, neg = EmbeddingResolver(enc.width, tmp_path / "with").resolve(spec)
+  np.testing.assert_array_equal(neg.view(np.uint16), want.view(np.uint16))
+  assert EmbeddingResolver(enc.width, tmp_path / "without").resolve(spec)[1] is None  # -> all-zero text

@@ -17,10 +17,16 @@ against ``fixtures/text_embed_tiny``; see that README for the traps):
    standardised per token over its H features in the model dtype with the unbiased std + 1e-8,
    concatenated in layer order → [num_tokens, L·H] bf16 (L·H = 28·3584 = 100352 for Reason1.1).
 
+The store also gets the reference inference script's default negative prompt
+(``v2w_jax.inference.spec.DEFAULT_NEGATIVE_PROMPT``, stored under its own text as the key), which
+``python -m v2w_jax.generate`` uses for the unconditional CFG branch of samples without their own
+negative prompt; ``--no_negative_prompt`` leaves it out.
+
 torch and transformers (the ``[text]`` extra) are imported lazily: the base package never needs them.
 
     python tools/compute_text_embeddings.py DATASET --model_dir=/path/to/Cosmos-Reason1-7B \
-        [--out_dir=DATASET/text_embeddings] [--batch_size=8] [--device=cuda] [--caption="..."]
+        [--out_dir=DATASET/text_embeddings] [--batch_size=8] [--device=cuda] [--caption="..."] \
+        [--no_negative_prompt]
 """
 
 from __future__ import annotations
@@ -182,6 +188,23 @@ def dataset_captions(dataset_dir: str | os.PathLike) -> tuple[list[str], list[st
   return sorted(captions), problems
 
 
+def captions_to_embed(dataset_dir: str | os.PathLike | None, extra: Sequence[str] = (), *,
+                      negative_prompt: bool = True) -> list[str]:
+  """Distinct, sorted captions for the store: ``extra``, the dataset's captions (problems are logged and
+  skipped) and, with ``negative_prompt``, the reference's default negative prompt."""
+  from v2w_jax.inference.spec import DEFAULT_NEGATIVE_PROMPT  # pylint: disable=import-outside-toplevel
+
+  captions = set(extra)
+  if dataset_dir:
+    found, problems = dataset_captions(dataset_dir)
+    for p in problems:
+      _log.warning("skipping: %s", p)
+    captions.update(found)
+  if negative_prompt:
+    captions.add(DEFAULT_NEGATIVE_PROMPT)
+  return sorted(captions)
+
+
 def compute_store(
     captions: Sequence[str],
     out_dir: str | os.PathLike,
@@ -223,24 +246,21 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
   parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
   parser.add_argument("--overwrite", action="store_true")
+  parser.add_argument("--no_negative_prompt", action="store_true",
+                      help="do not add the reference's default negative prompt to the store")
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(message)s")
 
   from v2w_jax.data import text as text_lib  # pylint: disable=import-outside-toplevel
 
-  captions = list(args.caption)
-  if args.dataset_dir:
-    found, problems = dataset_captions(args.dataset_dir)
-    for p in problems:
-      _log.warning("skipping: %s", p)
-    captions += found
+  captions = captions_to_embed(args.dataset_dir, args.caption, negative_prompt=not args.no_negative_prompt)
   if not captions:
-    parser.error("no captions: give DATASET (with metas/*.txt) and/or --caption")
+    parser.error("no captions: give DATASET (with metas/*.txt) and/or --caption, or drop --no_negative_prompt")
   if not args.out_dir and not args.dataset_dir:
     parser.error("--out_dir is required without DATASET")
   out_dir = text_lib.default_store_dir(args.dataset_dir or ".", args.out_dir or None)
   encoder = ReasonTextEncoder(args.model_dir, dtype=args.dtype, device=args.device, num_tokens=args.num_tokens)
-  done = compute_store(sorted(set(captions)), out_dir, encoder, batch_size=args.batch_size, overwrite=args.overwrite)
+  done = compute_store(captions, out_dir, encoder, batch_size=args.batch_size, overwrite=args.overwrite)
   print(f"{out_dir}: wrote {len(done)} embeddings [{encoder.num_tokens}, {encoder.width}] bf16")
   return 0
 
