@@ -180,7 +180,8 @@ def test_tool_adds_the_default_negative_prompt(fixture, encoders, tmp_path):
   d, caps, _ = fixture
   enc = encoders["float32"]
   enc.num_tokens = 48
-  common = [f"--model_dir={d}", "--num_tokens=48", "--dtype=float32", "--device=cpu", f"--caption={caps['captions'][0]}"]
+  common = [f"--model_dir={d}", "--num_tokens=48", "--dtype=float32", "--device=cpu",
+            f"--caption={caps['captions'][0]}"]
   assert tool.main([*common, f"--out_dir={tmp_path / 'with'}"]) == 0
   assert tool.main([*common, f"--out_dir={tmp_path / 'without'}", "--no_negative_prompt"]) == 0
   with_neg = text_lib.TextEmbeddingStore(tmp_path / "with")
