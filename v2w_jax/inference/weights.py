@@ -112,9 +112,11 @@ def _check_tree(where: str, got: Any, want: Any) -> None:
 def _orbax_pytree_metadata(state_dir: pathlib.Path) -> Any:
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
 
-  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
-    meta = ckptr.metadata(state_dir)
-  meta = getattr(meta, "item_metadata", meta)
+  from etils import epath  # pylint: disable=import-outside-toplevel
+
+  # The handler reads an item folder of a CheckpointManager step directly (a Checkpointer would
+  # look for a step-level _CHECKPOINT_METADATA file that item folders do not have).
+  meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(state_dir).absolute())
   return getattr(meta, "tree", meta)
 
 
@@ -126,7 +128,7 @@ def load_train_state_params(state_dir: str | os.PathLike, abstract: Any, *, use_
   """
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
 
-  state_dir = pathlib.Path(state_dir)
+  state_dir = pathlib.Path(state_dir).absolute()  # orbax's OCDBT reader needs absolute paths
   try:
     tree = _orbax_pytree_metadata(state_dir)
   except Exception as e:  # pylint: disable=broad-except

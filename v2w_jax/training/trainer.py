@@ -18,8 +18,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from v2w_jax.convert import dit as convert_dit
+from v2w_jax.convert import params_io
 from v2w_jax.convert import vae as convert_vae
 from v2w_jax.data import dataset as dataset_lib
 from v2w_jax.data import sample_dataset
@@ -61,7 +63,8 @@ class Model:
   encode: Any  # jitted (vae_params, video uint8 [B,3,T,H,W]) -> latents fp32
 
 
-def build_model(config, mesh) -> Model:
+def build_model(config, mesh, random_vae_dir: pathlib.Path) -> Model:
+  """DiT/VAE configs and VAE weights (random ones are saved to `random_vae_dir` for generate)."""
   dit_cfg = DiTConfig.from_config(config.model, logical_axis_rules=tuple(map(tuple, config.mesh.rules)))
   vae_cfg = vae_lib.VAEConfig.from_config(config.vae)
   rep = sharding_lib.replicated(mesh)
@@ -72,9 +75,13 @@ def build_model(config, mesh) -> Model:
         config.vae.checkpoint_path, abstract,
         lambda sd: convert_vae.torch_to_params(sd, vae_cfg), what="VAE")
   else:
-    _log.warning("config.vae.checkpoint_path is empty: the VAE has RANDOM weights (toy runs only)")
+    _log.warning("config.vae.checkpoint_path is empty: the VAE has RANDOM weights (toy runs only); "
+                 "they are saved to %s for generation", random_vae_dir)
     vae_params = jax.jit(lambda k: vae_lib.init_params(vae_cfg, k), out_shardings=rep)(
         jax.random.key(config.seed + 1))
+    # One decision for all processes (orbax saves are collective).
+    if not multihost_utils.broadcast_one_to_all(np.asarray(random_vae_dir.exists())):
+      params_io.save_params(random_vae_dir, vae_params, metadata={"kind": "vae", "random": True})
   batch_sh = sharding_lib.batch_sharding(mesh)
   encode = jax.jit(lambda p, v: vae_lib.encode_video(vae_cfg, p, step_lib.normalize_video(v)),
                    in_shardings=(rep, batch_sh), out_shardings=batch_sh)
@@ -156,7 +163,7 @@ def train(config) -> dict[str, Any]:
   mesh = mesh_lib.make_mesh(config.mesh)
   _log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), jax.device_count(),
             jax.process_count())
-  model = build_model(config, mesh)
+  model = build_model(config, mesh, workdir / "random_vae")
   validate_mesh(config, mesh, model.dit_cfg)
 
   # ---- Data: checked at start (every bad file named), host-local batches -------------------------
