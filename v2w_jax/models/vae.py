@@ -321,12 +321,16 @@ def latent_constants(cfg: VAEConfig) -> tuple[np.ndarray, np.ndarray]:
 def uint8_to_unit_range(video: Array) -> Array:
   """uint8 pixels -> bf16 in [-1, 1] exactly as Cosmos does it: ``x.to(bf16) / 127.5 - 1``.
 
-  Each op rounds to bf16 (e.g. 200 -> 0.5703125, 127 -> -0.00390625), so the model sees the
-  same inputs as the reference (training_spec.md §5).
+  Each op rounds to bf16 (e.g. 200 -> 0.5703125, 127 -> -0.00390625, 128 -> 0.0078125, not
+  0.00390625), so the model sees the same inputs as the reference (training_spec.md §5 and §12
+  number 13). The rounding is forced with ``lax.reduce_precision`` so XLA's excess-precision
+  rewrites cannot skip the intermediate bf16 rounding under ``jit``. The one implementation: training
+  (``training/step.normalize_video``) and inference feed the VAE through it.
   """
-  x = jnp.asarray(video).astype(jnp.bfloat16)
-  x = x / jnp.asarray(127.5, jnp.bfloat16)
-  return x - jnp.asarray(1.0, jnp.bfloat16)
+  x = jnp.asarray(video).astype(jnp.float32)  # uint8 values are exact in bf16 and f32
+  x = jax.lax.reduce_precision(x / jnp.float32(127.5), exponent_bits=8, mantissa_bits=7)
+  x = jax.lax.reduce_precision(x - jnp.float32(1.0), exponent_bits=8, mantissa_bits=7)
+  return x.astype(jnp.bfloat16)
 
 
 def _bcast(v: np.ndarray) -> Array:

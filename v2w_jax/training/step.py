@@ -7,7 +7,8 @@ explicit in/out shardings and the state donated.
 One call = one optimizer step (the reference ``training_step`` + optimizer hooks):
 
 1. latents: ``batch['latents']`` (float32 [B,16,T,H,W]) or ``encode_fn(batch['video'])`` (uint8
-   [B,3,T,H,W]; ``encode_fn`` normalises with :func:`normalize_video` and runs the VAE; no gradient);
+   [B,3,T,H,W]; ``encode_fn`` normalises with :func:`normalize_video` (``models/vae.uint8_to_unit_range``)
+   and runs the VAE; no gradient);
 2. conditioning (``diffusion/conditioning.py``): N conditional frames per sample (or
    ``batch['num_conditional_frames']``, −1 = draw), caption dropout;
 3. the objective's noise level, noise ε and loss (``diffusion/objective.py``);
@@ -35,6 +36,7 @@ import optax
 
 from v2w_jax.diffusion.conditioning import make_condition
 from v2w_jax.diffusion.objective import Objective, make_objective
+from v2w_jax.models.vae import uint8_to_unit_range as normalize_video  # re-exported: the VAE's input convention
 from v2w_jax.parallel import sharding as sharding_lib
 from v2w_jax.training import ema as ema_lib
 from v2w_jax.training import optim as optim_lib
@@ -43,18 +45,6 @@ from v2w_jax.training.state import TrainState
 ApplyFn = Callable[..., jax.Array]
 EncodeFn = Callable[[jax.Array], jax.Array]
 Batch = dict[str, Any]
-
-
-def normalize_video(video_uint8: jax.Array) -> jax.Array:
-  """uint8 [0, 255] → bf16 [−1, 1] as the reference: x.to(bf16) / 127.5 − 1, each op rounded to bf16.
-
-  The rounding is forced with ``lax.reduce_precision`` so XLA's excess-precision rewrites cannot skip
-  the intermediate bf16 rounding (e.g. 128 → 0.0078125, not 0.00390625; spec §5 and §12 number 13).
-  """
-  x = jnp.asarray(video_uint8).astype(jnp.float32)  # uint8 values are exact in bf16 and f32
-  x = jax.lax.reduce_precision(x / jnp.float32(127.5), exponent_bits=8, mantissa_bits=7)
-  x = jax.lax.reduce_precision(x - jnp.float32(1.0), exponent_bits=8, mantissa_bits=7)
-  return x.astype(jnp.bfloat16)
 
 
 def _batch_latents(batch: Batch, encode_fn: EncodeFn | None) -> jax.Array:
