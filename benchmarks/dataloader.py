@@ -39,7 +39,7 @@ def make_clips(root: pathlib.Path, args) -> None:
   (root / "metas").mkdir(parents=True, exist_ok=True)
   for i in range(args.num_videos):
     frames = sd.render_frames(args.src_frames, args.src_height, args.src_width, seed=i)
-    sd.write_mp4(root / "videos" / f"clip_{i:03d}.mp4", frames, fps=16, qp=20, threads=0)
+    video_lib.write_mp4(root / "videos" / f"clip_{i:03d}.mp4", frames, fps=16, qp=20, threads=0)
     (root / "metas" / f"clip_{i:03d}.txt").write_text(sd.DEFAULT_CAPTION)
   emb = np.random.default_rng(0).standard_normal((args.text_tokens, args.text_width), np.float32)
   text_lib.TextEmbeddingStore(root / "text_embeddings").write([(sd.DEFAULT_CAPTION, emb)], encoder="benchmark (random)")

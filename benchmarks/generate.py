@@ -164,7 +164,7 @@ def main(argv=None) -> dict:
   result["video_shape"] = list(video.shape)
   result["finite"] = bool(np.isfinite(np.asarray(latents)).all())
   if a.write:
-    from v2w_jax.data.sample_dataset import write_mp4  # pylint: disable=import-outside-toplevel
+    from v2w_jax.data.video import write_mp4  # pylint: disable=import-outside-toplevel
 
     write_mp4(a.write, video, 16, threads=0)
   print(f"encode {result.get('encode_s', 0):.2f}s  dit {result['dit_s']:.1f}s ({result['dit_s_per_step']:.2f}s/step, "

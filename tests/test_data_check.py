@@ -16,6 +16,7 @@ from v2w_jax.data import check as check_lib
 from v2w_jax.data import dataset as dataset_lib
 from v2w_jax.data import sample_dataset as sd
 from v2w_jax.data import text as text_lib
+from v2w_jax.data import video as video_lib
 
 GOOD = ("sample_0000", "sample_0001", "sample_0002")
 
@@ -45,7 +46,7 @@ def _build_broken(root: pathlib.Path, config) -> dict[str, str]:
   (videos / "truncated.mp4").write_bytes(data[: len(data) // 2])  # moov atom lost
   (videos / "garbage.mp4").write_bytes(np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8).tobytes())
   (videos / "empty.mp4").write_bytes(b"")
-  sd.write_mp4(videos / "short.mp4", sd.render_frames(5, spec.height, spec.width, seed=9))
+  video_lib.write_mp4(videos / "short.mp4", sd.render_frames(5, spec.height, spec.width, seed=9))
   (metas / "no_caption.txt").unlink()
   store = text_lib.TextEmbeddingStore(root / "text_embeddings")
   store.path_for("caption no_embedding").unlink()

@@ -81,7 +81,7 @@ def test_make_sample_dataset_cli(tmp_path, repo_root):
 
 def test_odd_sizes_are_refused(tmp_path):
   with pytest.raises(ValueError, match="even"):
-    sd.write_mp4(tmp_path / "x.mp4", np.zeros((2, 31, 48, 3), np.uint8))
+    video_lib.write_mp4(tmp_path / "x.mp4", np.zeros((2, 31, 48, 3), np.uint8))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -96,7 +96,7 @@ def test_window_start_uniform_over_all_valid_positions():
 def clip_file(tmp_path_factory):
   frames = sd.render_frames(20, 64, 96, seed=3)
   path = tmp_path_factory.mktemp("clips") / "clip.mp4"
-  sd.write_mp4(path, frames, fps=24)
+  video_lib.write_mp4(path, frames, fps=24)
   return path, frames
 
 
@@ -133,7 +133,7 @@ def test_decode_random_window_and_resize(clip_file):
 
 def test_exact_length_clip_and_too_short(tmp_path):
   path = tmp_path / "nine.mp4"
-  sd.write_mp4(path, sd.render_frames(9, 64, 96, seed=1))
+  video_lib.write_mp4(path, sd.render_frames(9, 64, 96, seed=1))
   clip = video_lib.decode_clip(path, 9, np.random.default_rng(0))
   assert clip.start == 0 and clip.video.shape[1] == 9
   with pytest.raises(video_lib.VideoError, match=r"nine\.mp4: clip has 9 frames, fewer than the 10"):
@@ -144,7 +144,7 @@ def test_decord_width_bug_falls_back_to_pyav(tmp_path):
   # decord 0.6 cannot decode some valid widths (48 here); 'auto' must still give the right frames.
   path = tmp_path / "w48.mp4"
   frames = sd.render_frames(10, 32, 48, seed=2)
-  sd.write_mp4(path, frames)
+  video_lib.write_mp4(path, frames)
   clip = video_lib.decode_clip(path, 4, start=3)
   assert clip.video.shape == (3, 4, 32, 48)
   assert _err(clip.video, frames[3:7]) < 8

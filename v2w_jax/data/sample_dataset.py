@@ -14,7 +14,6 @@ Everything is deterministic for a seed.
 from __future__ import annotations
 
 import dataclasses
-import fractions
 import logging
 import os
 import pathlib
@@ -23,6 +22,7 @@ import zlib
 import numpy as np
 
 from v2w_jax.data import text as text_lib
+from v2w_jax.data.video import write_mp4  # re-exported: generate.py and two inference tests import it from here
 
 DEFAULT_CAPTION = "A video of sks teal robot."
 TOY_ENCODER = "toy-hashed-ngram-projection-v1 (stand-in, NOT Cosmos-Reason1.1)"
@@ -88,42 +88,6 @@ def render_frames(num_frames: int, height: int, width: int, seed: int) -> np.nda
     img[(dy < side) & (dx < side)] = box_color
     frames[t] = np.clip(img, 0, 255).astype(np.uint8)
   return frames
-
-
-def write_mp4(
-    path: str | os.PathLike, frames: np.ndarray, fps: float = 16, *, qp: int = 12, threads: int = 1
-) -> None:
-  """Encodes uint8 RGB frames [T, H, W, 3] as H.264 yuv420p (mpeg4 if no libx264) with PyAV.
-
-  Constant quantiser ``qp`` (no rate control: x264's crf/mb-tree lookahead gave different
-  bitstreams for the same frames, measured) and ``threads=1`` make the file reproducible;
-  ``threads=0`` lets the encoder pick (fast, for large benchmark clips).
-  """
-  import av  # pylint: disable=import-outside-toplevel
-
-  t, h, w, _ = frames.shape
-  if h % 2 or w % 2:
-    raise ValueError(f"yuv420p needs even frame sizes, got {h}x{w}")
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.tmp.mp4")
-  codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
-  with av.open(str(tmp), "w", format="mp4") as out:
-    stream = out.add_stream(codec, rate=fractions.Fraction(fps).limit_denominator(1001))
-    stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-    if codec == "libx264":
-      stream.options = {"qp": str(qp), "preset": "veryfast", "threads": str(threads)}
-    else:
-      stream.options = {"qscale": "2", "threads": str(threads)}
-    stream.codec_context.time_base = fractions.Fraction(1, 1) / stream.codec_context.framerate
-    for i in range(t):
-      frame = av.VideoFrame.from_ndarray(frames[i], format="rgb24")
-      frame.pts = i  # explicit timestamps: x264's rate control must not see run-dependent ones
-      for packet in stream.encode(frame):
-        out.mux(packet)
-    for packet in stream.encode():
-      out.mux(packet)
-  os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------

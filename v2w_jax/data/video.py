@@ -1,4 +1,5 @@
-"""Video clips: container probing, window decoding (decord, PyAV fallback) and the reference resize.
+"""Video clips: container probing, window decoding (decord, PyAV fallback), the reference resize and
+mp4 writing (:func:`write_mp4`, for the sample dataset, training samples and generation).
 
 The reference (``VideoDataset``) decodes ``num_frames`` consecutive frames with decord, then resizes
 each frame with torchvision's antialiased bilinear ``F.resize`` on ``float/255`` values, multiplies
@@ -13,10 +14,12 @@ needs no torch; it agrees with ``torch.nn.functional.interpolate(antialias=True)
 from __future__ import annotations
 
 import dataclasses
+import fractions
 import functools
 import logging
 import math
 import os
+import pathlib
 from typing import Sequence
 
 import numpy as np
@@ -392,3 +395,43 @@ def resize_frames(frames: np.ndarray, size: Sequence[int], *, chunk: int = 2) ->
     np.multiply(x, np.float32(255.0), out=x)
     np.copyto(out[:, s : s + tc], x.reshape(c, tc, out_h, out_w), casting="unsafe")  # truncates, like .to(uint8)
   return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing.
+
+
+def write_mp4(
+    path: str | os.PathLike, frames: np.ndarray, fps: float = 16, *, qp: int = 12, threads: int = 1
+) -> None:
+  """Encodes uint8 RGB frames [T, H, W, 3] as H.264 yuv420p (mpeg4 if no libx264) with PyAV.
+
+  Constant quantiser ``qp`` (no rate control: x264's crf/mb-tree lookahead gave different
+  bitstreams for the same frames, measured) and ``threads=1`` make the file reproducible;
+  ``threads=0`` lets the encoder pick (fast, for large benchmark clips).
+  """
+  import av  # pylint: disable=import-outside-toplevel
+
+  t, h, w, _ = frames.shape
+  if h % 2 or w % 2:
+    raise ValueError(f"yuv420p needs even frame sizes, got {h}x{w}")
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f".{path.name}.tmp.mp4")
+  codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+  with av.open(str(tmp), "w", format="mp4") as out:
+    stream = out.add_stream(codec, rate=fractions.Fraction(fps).limit_denominator(1001))
+    stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+    if codec == "libx264":
+      stream.options = {"qp": str(qp), "preset": "veryfast", "threads": str(threads)}
+    else:
+      stream.options = {"qscale": "2", "threads": str(threads)}
+    stream.codec_context.time_base = fractions.Fraction(1, 1) / stream.codec_context.framerate
+    for i in range(t):
+      frame = av.VideoFrame.from_ndarray(frames[i], format="rgb24")
+      frame.pts = i  # explicit timestamps: x264's rate control must not see run-dependent ones
+      for packet in stream.encode(frame):
+        out.mux(packet)
+    for packet in stream.encode():
+      out.mux(packet)
+  os.replace(tmp, path)

@@ -19,13 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from v2w_jax.data.sample_dataset import write_mp4
+from v2w_jax.data.video import write_mp4
 from v2w_jax.diffusion import guidance as guidance_lib
 from v2w_jax.diffusion import samplers
 from v2w_jax.diffusion import timesteps as timesteps_lib
 from v2w_jax.models import dit
 from v2w_jax.models import vae as vae_lib
-from v2w_jax.training import step as step_lib
 
 
 def to_uint8_frames(video: jax.Array | np.ndarray) -> np.ndarray:
@@ -52,7 +51,7 @@ class SampleWriter:
     vae_cfg = model.vae_cfg
 
     def generate(params, vae_params, video_u8, text, noise):
-      latents = vae_lib.encode_video(vae_cfg, vae_params, step_lib.normalize_video(video_u8))
+      latents = vae_lib.encode_video(vae_cfg, vae_params, vae_lib.uint8_to_unit_range(video_u8))
       b, _, t, h, w = latents.shape
       mask = guidance_lib.conditional_frame_mask(self.num_cond, b, t)
 
