@@ -23,19 +23,19 @@ the module layout. Tensors are materialised one at a time (inputs may be lazy, e
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
 import ml_dtypes
 import numpy as np
 
+from v2w_jax.convert.tree import Path, flatten, get_path, set_path
 from v2w_jax.models.dit import abstract_params
 from v2w_jax.models.dit_config import DiTConfig
 from v2w_jax.models.embeddings import rope_exponents
 
 PREFIX = "net."
-Path = tuple[str, ...]
 
 # Flax module name -> torch module name, where they differ.
 _RENAMES = {
@@ -72,31 +72,11 @@ def _torch_module(path: Path) -> tuple[str, ...]:
   return tuple(_SEGMENT_RENAMES.get(s, s) for s in mod)
 
 
-def _flatten(tree: Mapping[str, Any], prefix: Path = ()) -> Iterator[tuple[Path, Any]]:
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      yield from _flatten(v, prefix + (k,))
-    else:
-      yield prefix + (k,), v
-
-
-def _get(tree: Mapping[str, Any], path: Path) -> Any:
-  for k in path:
-    tree = tree[k]
-  return tree
-
-
-def _set(tree: dict, path: Path, value: Any) -> None:
-  for k in path[:-1]:
-    tree = tree.setdefault(k, {})
-  tree[path[-1]] = value
-
-
 def key_table(cfg: DiTConfig, abstract: Mapping[str, Any] | None = None) -> dict[str, Entry]:
   """Torch key (without prefix) -> :class:`Entry` for every parameter tensor, in a stable order."""
   abstract = abstract_params(cfg) if abstract is None else abstract
   table: dict[str, Entry] = {}
-  for path, leaf in _flatten(abstract):
+  for path, leaf in flatten(abstract).items():
     *mod, leaf_name = path
     torch_leaf, kind = _LEAF[leaf_name]
     shape = tuple(leaf.shape)
@@ -203,13 +183,13 @@ def torch_to_params(
     raise ValueError("\n".join(lines))
 
   params: dict[str, Any] = {}
-  for path, leaf in _flatten(abstract):
-    _set(params, path, np.empty(leaf.shape, out_dtype))
+  for path, leaf in flatten(abstract).items():
+    set_path(params, path, np.empty(leaf.shape, out_dtype))
   for key, entry in table.items():
     arr = np.asarray(state_dict[prefix + key])
     if entry.kind == "linear":
       arr = arr.T
-    target = _get(params, entry.path)
+    target = get_path(params, entry.path)
     if entry.index is None:
       target[...] = arr.astype(out_dtype, copy=False)
     else:
@@ -258,8 +238,8 @@ def params_to_torch(
   """
   table = key_table(cfg)
   expected = {e.path: None for e in table.values()}
-  abstract = {path: leaf for path, leaf in _flatten(abstract_params(cfg))}
-  given = dict(_flatten(params))
+  abstract = flatten(abstract_params(cfg))
+  given = flatten(params)
   problems = [f"missing param {'/'.join(p)}" for p in expected if p not in given]
   problems += [f"unknown param {'/'.join(p)}" for p in given if p not in expected]
   problems += [f"param {'/'.join(p)}: shape {list(_shape_of(given[p]))}, expected {list(abstract[p].shape)}"

@@ -21,9 +21,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from v2w_jax.convert.tree import Path, flatten, set_path
 from v2w_jax.models.vae import VAEConfig, abstract_params, decoder_blocks, encoder_blocks
-
-Path = tuple[str, ...]
 
 # kind -> (torch -> flax, flax -> torch); both only use .transpose/.reshape so they also run on
 # jax.ShapeDtypeStruct leaves through jax.eval_shape.
@@ -101,28 +100,6 @@ def key_table(cfg: VAEConfig) -> dict[str, tuple[Path, str]]:
   return table
 
 
-def _get(tree: Mapping[str, Any], path: Path) -> Any:
-  for p in path:
-    tree = tree[p]
-  return tree
-
-
-def _set(tree: dict, path: Path, value: Any) -> None:
-  for p in path[:-1]:
-    tree = tree.setdefault(p, {})
-  tree[path[-1]] = value
-
-
-def _flatten(tree: Mapping[str, Any], prefix: Path = ()) -> dict[Path, Any]:
-  out: dict[Path, Any] = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      out.update(_flatten(v, prefix + (k,)))
-    else:
-      out[prefix + (k,)] = v
-  return out
-
-
 def _shape(v: Any) -> tuple[int, ...]:
   shape = getattr(v, "shape", None)
   return tuple(int(s) for s in (shape if shape is not None else np.shape(np.asarray(v))))
@@ -175,7 +152,7 @@ def torch_to_params(state_dict: Mapping[str, Any], cfg: VAEConfig,
     arr = np.asarray(state_dict[tkey])
     if dtype is not None:
       arr = arr.astype(dtype)
-    _set(params, path, _apply(kind, _TO_FLAX, arr))
+    set_path(params, path, _apply(kind, _TO_FLAX, arr))
   return params
 
 
@@ -189,7 +166,7 @@ def params_to_torch(params: Mapping[str, Any], cfg: VAEConfig) -> dict[str, Any]
       reverse direction).
   """
   table = key_table(cfg)
-  flat = _flatten(params)
+  flat = flatten(params)
   wanted = {path for path, _ in table.values()}
   missing = ["/".join(p) for p in wanted if p not in flat]
   unknown = sorted("/".join(p) for p in flat if p not in wanted)
