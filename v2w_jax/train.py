@@ -7,6 +7,7 @@ command resumes from the job folder's latest checkpoint.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from absl import app, flags
@@ -23,7 +24,10 @@ def main(argv: list[str]) -> int:
   distributed.initialize()  # before anything touches a JAX backend
   import jax  # pylint: disable=import-outside-toplevel
 
+  from v2w_jax.data.dataset import DataError  # pylint: disable=import-outside-toplevel
   from v2w_jax.training import trainer  # pylint: disable=import-outside-toplevel
+
+  user_errors = (ValueError, DataError, FileNotFoundError, MemoryError, trainer.NonFiniteLossError)
 
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                       stream=sys.stderr)
@@ -34,7 +38,13 @@ def main(argv: list[str]) -> int:
     print(f"v2w-jax: job {config.job.project}/{config.job.group}/{config.job.name}, "
           f"{jax.device_count()} {jax.default_backend()} device(s), {jax.process_count()} process(es)",
           flush=True)
-  summary = trainer.train(config)
+  try:
+    summary = trainer.train(config)
+  except user_errors as err:  # a bad config, dataset or checkpoint: the message says what to change
+    if os.environ.get("V2W_TRACEBACK") == "1":
+      raise
+    print(f"error: {err}\n(set V2W_TRACEBACK=1 for the traceback)", file=sys.stderr, flush=True)
+    return 1
   if jax.process_index() == 0:
     print(f"done: step {summary['step']}, job folder {summary['job_dir']}", flush=True)
   return 0
