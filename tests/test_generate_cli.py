@@ -86,3 +86,23 @@ def test_cli_rejects_bad_spec_and_missing_weights(repo_root, assets, tmp_path):
   (assets / "ok.json").write_text(json.dumps([{"name": "a", "prompt_embedding": "emb.npy"}]))
   r = _run(repo_root, f"--spec={assets / 'ok.json'}", f"--output_dir={tmp_path / 'o'}")
   assert r.returncode == 2 and "--allow_random_weights" in r.stderr, r.stderr[-2000:]
+
+
+def test_build_pipeline_follows_the_objective(caplog):
+  """configs/nemo_edm.py's objective on the tiny model: the generator's pipeline samples with EDM 2ab on the
+  preconditioned DiT (the pipeline itself is tested in test_inference_pipeline.py); RF stays UniPC."""
+  from configs import nemo_edm, tiny  # pylint: disable=import-outside-toplevel
+  from v2w_jax import generate  # pylint: disable=import-outside-toplevel
+  from v2w_jax.diffusion import samplers  # pylint: disable=import-outside-toplevel
+
+  config = tiny.get_config()
+  pipe, info = generate.build_pipeline(config, allow_random_weights=True)
+  assert info["objective"] == "rectified_flow" and pipe.sampler(35, 5.0) == samplers.RFSampler()
+  config.objective = nemo_edm.get_config().objective
+  config.model.timestep_scale = nemo_edm.get_config().model.timestep_scale
+  with caplog.at_level("WARNING"):
+    pipe, info = generate.build_pipeline(config, allow_random_weights=True)
+  assert "timestep_scale" not in caplog.text
+  assert info["objective"] == "edm" and pipe.dit_cfg.timestep_scale == 1.0
+  assert pipe.sampler(35, 5.0) == samplers.EDMSampler(num_steps=35, sigma_max=80.0, sigma_min=0.0002,
+                                                      sigma_data=0.5, sigma_conditional=1e-4)

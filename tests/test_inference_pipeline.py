@@ -3,7 +3,9 @@
 Checks determinism, that both CFG branches in one batch give the unguided result when their texts agree,
 that encoding only the conditional frames equals encoding the reference's full padded clip (VAE
 causality), that the conditional latent frame ends where the reference's RF sampler puts it, and that
-weights read back from a reference-format ``.pt`` reproduce the output exactly.
+weights read back from a reference-format ``.pt`` reproduce the output exactly. The EDM objective
+(configs/nemo_edm.py on the tiny sizes): deterministic, conditional frames end exactly at gt (x0
+replacement), and the same result as the sampler library on the preconditioned DiT.
 """
 
 from __future__ import annotations
@@ -17,9 +19,12 @@ from configs import tiny
 from v2w_jax.convert import dit as convert_dit
 from v2w_jax.convert import torch_pt
 from v2w_jax.diffusion import guidance as guidance_lib
+from v2w_jax.diffusion import samplers
+from v2w_jax.diffusion.objective import make_objective
 from v2w_jax.diffusion.timesteps import rf_unipc_schedule
 from v2w_jax.inference import conditioning, weights
-from v2w_jax.inference.pipeline import GenerationRequest, Video2WorldPipeline, normalize_pixels
+from v2w_jax.inference.pipeline import GenerationRequest, Video2WorldPipeline
+from v2w_jax.models import dit as dit_lib
 from v2w_jax.models import vae as vae_lib
 from v2w_jax.models.dit_config import DiTConfig
 
@@ -80,7 +85,7 @@ def test_batched_cfg_with_equal_texts_is_unguided(pipe, texts):
 
 def test_encoding_only_conditional_frames_is_exact(pipe, cond_frames):
   shape = pipe.latent_shape(FRAMES, SIZE)
-  encode_full = jax.jit(lambda p, v: vae_lib.encode_video(pipe.vae_cfg, p, normalize_pixels(v)))
+  encode_full = jax.jit(lambda p, v: vae_lib.encode_video(pipe.vae_cfg, p, vae_lib.uint8_to_unit_range(v)))
   for n, pad, frames in ((2, "last", cond_frames), (1, "black", cond_frames[:, :1])):
     short = np.asarray(pipe.encode_conditional(frames, shape, n))
     full_clip = conditioning.reference_input_video(frames, FRAMES, SIZE, pad=pad)
@@ -129,3 +134,58 @@ def test_bad_requests(pipe, texts):
     pipe.generate(_req(text, num_conditional_frames=1))
   with pytest.raises(ValueError, match="num_conditional_frames=3"):
     pipe.generate(_req(text, num_conditional_frames=3))
+
+
+# ---------------------------------------------------------------------------------------------- EDM
+
+
+@pytest.fixture(scope="module")
+def edm_pipe(pipe) -> Video2WorldPipeline:
+  config = tiny.get_config()
+  config.objective.name = "edm"
+  config.model.timestep_scale = 1.0  # what configs/nemo_edm.py sets
+  dit_cfg = DiTConfig.from_config(config.model)
+  return Video2WorldPipeline(dit_cfg, pipe.vae_cfg, pipe.dit_params, pipe.vae_params,
+                             objective=make_objective(config))
+
+
+def test_edm_pipeline_deterministic_and_conditional_frames_at_gt(edm_pipe, pipe, texts, cond_frames):
+  assert isinstance(edm_pipe.sampler(STEPS, 5.0), samplers.EDMSampler)
+  req = _req(*texts, cond_frames=cond_frames[:, :1], num_conditional_frames=1)
+  res = edm_pipe.generate(req)
+  assert res.video.shape == (FRAMES, *SIZE, 3) and np.isfinite(res.latents).all()
+  shape = edm_pipe.latent_shape(FRAMES, SIZE)
+  gt = edm_pipe.encode_conditional(cond_frames[:, :1], shape, 1)
+  text, neg = edm_pipe.text_embedding(texts[0]), edm_pipe.text_embedding(texts[1])
+  kw = dict(guidance=7.0, num_steps=STEPS, shift=5.0)
+  again = np.asarray(edm_pipe.sample_latents(shape, text, neg, gt, 1, seed=0, **kw))
+  np.testing.assert_array_equal(again, res.latents)
+  # EDM x0 replacement: the conditional latent frame ends exactly at gt (RF only gets near it).
+  gt = np.asarray(gt)
+  np.testing.assert_array_equal(res.latents[:, :, :1], gt[:, :, :1])
+  assert np.abs(res.latents[:, :, 1:] - gt[:, :, 1:]).mean() > 1e-2
+  other_seed = np.asarray(edm_pipe.sample_latents(shape, text, neg, gt, 1, seed=1, **kw))
+  assert np.abs(other_seed[:, :, 1:] - res.latents[:, :, 1:]).mean() > 1e-2
+  rf = np.asarray(pipe.sample_latents(shape, text, neg, gt, 1, seed=0, **kw))
+  assert np.abs(rf - res.latents).mean() > 1e-2  # not the RF sampler
+
+
+def test_edm_pipeline_matches_sampler_library(edm_pipe, texts):
+  """The pipeline's jitted EDM path == generate_latents with EDMSampler on the DiT (c_noise as the
+  DiT's timesteps, conditional frames at sigma_conditional), g = 7 with a negative prompt."""
+  text, neg = texts
+  shape = edm_pipe.latent_shape(FRAMES, SIZE)
+  rng = np.random.default_rng(3)
+  gt = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  t, u = edm_pipe.text_embedding(text), edm_pipe.text_embedding(neg)
+  got = edm_pipe.sample_latents(shape, t, u, gt, 1, seed=0, guidance=7.0, num_steps=STEPS, shift=5.0)
+  apply = dit_lib.apply_fn(edm_pipe.dit_cfg)
+
+  def net(x, c_noise, txt, m):
+    return apply(edm_pipe.dit_params, x, c_noise, txt, jnp.broadcast_to(m, (x.shape[0], 1) + x.shape[2:]))
+
+  want = samplers.generate_latents(net, shape, text_embeddings=t, uncond_text_embeddings=u, gt_latents=gt,
+                                   num_conditional_frames=1, guidance=7.0, seed=0,
+                                   sampler=samplers.EDMSampler(num_steps=STEPS))
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(got)[:, :, :1], np.asarray(gt)[:, :, :1])

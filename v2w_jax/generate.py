@@ -12,7 +12,9 @@ The spec format is documented in ``v2w_jax/inference/spec.py``; every sample and
 validated before any weights are loaded. ``--checkpoint`` / ``--vae_checkpoint`` default to
 ``config.checkpoint.load_path`` / ``config.vae.checkpoint_path``; random weights need
 ``--allow_random_weights`` (tests and smoke runs). Each sample writes ``<output>.mp4`` and a JSON
-sidecar ``<output>.json`` with the resolved settings and stage timings.
+sidecar ``<output>.json`` with the resolved settings and stage timings. The sampler follows
+``config.objective``: rectified flow -> the reference's UniPC (``shift`` applies); EDM
+(``configs/nemo_edm.py``) -> the reference's 2ab sampler on the EDM-preconditioned DiT.
 """
 
 from __future__ import annotations
@@ -82,15 +84,15 @@ def build_pipeline(config, *, checkpoint: str = "", vae_checkpoint: str = "", al
   from v2w_jax.models.dit_config import DiTConfig  # pylint: disable=import-outside-toplevel
   from v2w_jax.models.vae import VAEConfig  # pylint: disable=import-outside-toplevel
 
-  objective = str(_cfg_get(_cfg_get(config, "objective", None), "name", "rectified_flow"))
-  if objective != "rectified_flow":
-    raise ValueError(f"config.objective.name={objective!r}: the generator implements the rectified-flow "
-                     "UniPC sampler only (the EDM denoiser is not wired into it yet)")
+  from v2w_jax.diffusion.objective import make_objective  # pylint: disable=import-outside-toplevel
+
+  # The sampler follows the training objective: RF -> UniPC; EDM -> 2ab on the preconditioned DiT.
+  objective = make_objective(config)
   dit_cfg = DiTConfig.from_config(config.model)
   vae_cfg = VAEConfig.from_config(config.vae)
   dit_path = checkpoint or str(_cfg_get(_cfg_get(config, "checkpoint", None), "load_path", "") or "")
   vae_path = vae_checkpoint or str(_cfg_get(config.vae, "checkpoint_path", "") or "")
-  info = {"checkpoint": dit_path or "random", "vae_checkpoint": vae_path or "random"}
+  info = {"checkpoint": dit_path or "random", "vae_checkpoint": vae_path or "random", "objective": objective.name}
   if not dit_path or not vae_path:
     missing = [n for n, p in (("--checkpoint (DiT)", dit_path), ("--vae_checkpoint", vae_path)) if not p]
     if not allow_random_weights:
@@ -102,7 +104,6 @@ def build_pipeline(config, *, checkpoint: str = "", vae_checkpoint: str = "", al
                 else weights.random_dit_params(dit_cfg, seed))
   vae_params = weights.load_vae_params(vae_path, vae_cfg) if vae_path else weights.random_vae_params(vae_cfg, seed)
   info["load_s"] = time.perf_counter() - t0
-  cond = _cfg_get(config, "conditioning", None)
   mesh = None
   if jax.device_count() > 1:
     # Several GPUs: the config's mesh (e.g. --config.mesh.data=2 --config.mesh.fsdp=1 splits the two CFG
@@ -111,9 +112,7 @@ def build_pipeline(config, *, checkpoint: str = "", vae_checkpoint: str = "", al
 
     mesh = make_mesh(config.mesh)
     info["mesh"] = dict(mesh.shape)
-  pipe = pipeline_lib.Video2WorldPipeline(
-      dit_cfg, vae_cfg, dit_params, vae_params,
-      conditional_frame_timestep=float(_cfg_get(cond, "conditional_frame_timestep", -1.0)), mesh=mesh)
+  pipe = pipeline_lib.Video2WorldPipeline(dit_cfg, vae_cfg, dit_params, vae_params, objective=objective, mesh=mesh)
   return pipe, info
 
 
@@ -188,7 +187,7 @@ def main(argv: Sequence[str]) -> int:
   try:
     pipe, info = build_pipeline(config, checkpoint=_CHECKPOINT.value, vae_checkpoint=_VAE_CHECKPOINT.value,
                                 allow_random_weights=_ALLOW_RANDOM.value, use_ema=_USE_EMA.value)
-  except ValueError as e:  # bad / missing weights (WeightsError), unsupported objective
+  except ValueError as e:  # bad / missing weights (WeightsError), bad objective settings
     print(f"error: {e}", file=sys.stderr)
     return 2
   records = generate_all(specs, pipe, resolver, _OUTPUT_DIR.value, info=info, keep_going=_KEEP_GOING.value)

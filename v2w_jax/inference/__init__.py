@@ -4,5 +4,6 @@
 * ``conditioning``: image / video input -> the reference's resized, center-cropped conditional frames.
 * ``weights``: DiT and VAE parameters from a training checkpoint (EMA), a params-only orbax folder or a
   reference ``.pt`` / ``.pth``.
-* ``pipeline``: DiT + VAE + UniPC sampler, jitted once per shape; reusable by the trainer's sample callback.
+* ``pipeline``: DiT + VAE + the objective's sampler (RF UniPC or EDM 2ab), jitted once per shape; the trainer's
+  sample callback runs through it.
 """

@@ -4,13 +4,17 @@ The pieces, each jitted once (``jax.jit`` then caches one executable per input s
 
 * ``encode``: uint8 conditional frames [1, 3, 1 + 4 (N-1), H, W] -> clean latents, zero-padded to the
   clip's latent length (only conditional frames of the padding are ever read; see ``conditioning.py``);
-* ``sample``: the reference's rectified-flow UniPC sampler (``diffusion/samplers.sample_rf``) with both
-  CFG branches in ONE batch-2 DiT call per step; built once per (num_steps, shift, guided) — the
+* ``sample``: the sampler of the training objective (``diffusion/samplers.make_sampler``): for rectified
+  flow the reference's UniPC sampler, for EDM the reference's 2ab sampler on the EDM-preconditioned DiT
+  (c_skip, c_out, c_in, c_noise; latents scaled by σ_data as the EDM model's encode/decode), with both
+  CFG branches in ONE batch-2 DiT call per step; built once per (sampler settings, guided) — the
   guidance value itself is a traced scalar, so changing it does not recompile;
 * ``decode``: latents -> uint8 frames [T, H, W, 3] = round(255 clip((x + 1) / 2, 0, 1)), done on device.
 
 Parameters are arguments of the jitted functions (never baked-in constants), so the trainer's sample
-callback can reuse one pipeline with new EMA weights each time: ``pipeline.generate(req, dit_params=...)``.
+callback (``training/samples.py``) reuses one pipeline with new (possibly FSDP-sharded) weights each time:
+``pipeline.sample_latents(..., dit_params=...)``. On a mesh, results come back replicated, so every
+process of a multi-process run can read them.
 """
 
 from __future__ import annotations
@@ -26,23 +30,11 @@ import numpy as np
 
 from v2w_jax.diffusion import guidance as guidance_lib
 from v2w_jax.diffusion import samplers
-from v2w_jax.diffusion.timesteps import rf_unipc_schedule
 from v2w_jax.models import dit as dit_lib
 from v2w_jax.models import vae as vae_lib
 from v2w_jax.models.dit_config import DiTConfig
 
 Array = jax.Array
-
-
-def normalize_pixels(video_uint8: Array) -> Array:
-  """uint8 -> bf16 in [-1, 1] as the reference: x.to(bf16) / 127.5 - 1, each op rounded to bf16.
-
-  Same arithmetic as ``training/step.normalize_video``; kept here so inference does not import the trainer.
-  """
-  x = jnp.asarray(video_uint8).astype(jnp.float32)
-  x = jax.lax.reduce_precision(x / jnp.float32(127.5), exponent_bits=8, mantissa_bits=7)
-  x = jax.lax.reduce_precision(x - jnp.float32(1.0), exponent_bits=8, mantissa_bits=7)
-  return x.astype(jnp.bfloat16)
 
 
 def to_uint8_frames(video: Array) -> Array:
@@ -65,7 +57,7 @@ class GenerationRequest:
     size: (H, W) output size.
     seed: initial noise = numpy RandomState(seed).standard_normal (the reference's, arch-invariant).
     guidance: g in v = v_c + g (v_c - v_u); 0 skips the unconditional branch (same result, half the work).
-    num_steps, shift: the UniPC grid.
+    num_steps, shift: the sampler grid (``shift``: rectified flow only).
   """
 
   text_embedding: Any
@@ -88,7 +80,12 @@ class GenerationResult:
 
 
 class Video2WorldPipeline:
-  """DiT + VAE + sampler. Build once; call :meth:`generate` for each sample."""
+  """DiT + VAE + sampler. Build once; call :meth:`generate` for each sample.
+
+  ``objective`` (``diffusion/objective.make_objective(config)``) selects the sampler and its settings:
+  rectified flow (the default, also for None) or EDM. ``dit_params`` may be None when every call passes
+  its own (the trainer's sample callback).
+  """
 
   def __init__(
       self,
@@ -97,7 +94,7 @@ class Video2WorldPipeline:
       dit_params: Any,
       vae_params: Any,
       *,
-      conditional_frame_timestep: float = -1.0,
+      objective: Any = None,
       guidance_form: str = "video2world",
       use_karras_sigmas: bool = False,
       text_dtype: Any = jnp.bfloat16,
@@ -108,23 +105,48 @@ class Video2WorldPipeline:
                        f"{vae_cfg.z_dim}")
     self.dit_cfg, self.vae_cfg = dit_cfg, vae_cfg
     self.mesh = mesh
-    self.dit_params, self.vae_params = self.put(dit_params), self.put(vae_params)
-    self.conditional_frame_timestep = float(conditional_frame_timestep)
+    self.dit_params = None if dit_params is None else self.put(dit_params)
+    self.vae_params = self.put(vae_params)
+    self.objective = objective
     self.guidance_form = guidance_form
     self.use_karras_sigmas = bool(use_karras_sigmas)
     self.text_dtype = text_dtype
     self._apply = dit_lib.apply_fn(dit_cfg)
     self._sample_fns: dict[tuple, Any] = {}
-    self._encode = jax.jit(self._encode_impl, static_argnums=(2,))
-    self._decode = jax.jit(self._decode_impl)
+    self._encode = self._jit(self._encode_impl, static_argnums=(2,))
+    self._decode = self._jit(self._decode_impl)
 
   # ---- devices --------------------------------------------------------------------------------
+  def _replicated(self) -> jax.sharding.NamedSharding:
+    return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+
+  def _jit(self, fn, **kwargs):
+    """``jax.jit``; on a mesh with replicated outputs (readable by every process)."""
+    if self.mesh is not None:
+      kwargs["out_shardings"] = self._replicated()
+    return jax.jit(fn, **kwargs)
+
   def put(self, tree: Any) -> Any:
-    """Device arrays: replicated over the mesh when there is one (params of the 2B DiT fit one GPU)."""
+    """Device arrays: replicated over the mesh when there is one (params of the 2B DiT fit one GPU).
+
+    Arrays already laid out on this mesh (e.g. the trainer's FSDP-sharded parameters) are left as they are.
+    """
     if self.mesh is None:
       return jax.tree.map(jnp.asarray, tree)
-    rep = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-    return jax.device_put(tree, rep)
+    rep = self._replicated()
+
+    multi = jax.process_count() > 1
+
+    def one(x):
+      if isinstance(x, jax.Array):
+        sh = x.sharding
+        if isinstance(sh, jax.sharding.NamedSharding) and sh.mesh == self.mesh:
+          return x
+        if multi and x.is_fully_addressable:
+          x = np.asarray(x)  # a process-local array: every process holds the same value (host round trip)
+      return jax.device_put(x, rep)
+
+    return jax.tree.map(one, tree)
 
   def _mesh_scope(self):
     """``jax.set_mesh(mesh)``: binds the model's logical activation constraints (batch over data,
@@ -152,39 +174,42 @@ class Video2WorldPipeline:
 
   # ---- jitted pieces --------------------------------------------------------------------------
   def _encode_impl(self, vae_params: Any, frames_uint8: Array, num_latent_frames: int) -> Array:
-    lat = vae_lib.encode_video(self.vae_cfg, vae_params, normalize_pixels(frames_uint8))
+    lat = vae_lib.encode_video(self.vae_cfg, vae_params, vae_lib.uint8_to_unit_range(frames_uint8))
     pad = num_latent_frames - lat.shape[2]
     return jnp.pad(lat, ((0, 0), (0, 0), (0, pad), (0, 0), (0, 0)))
 
   def _decode_impl(self, vae_params: Any, latents: Array) -> Array:
     return to_uint8_frames(vae_lib.decode_latents(self.vae_cfg, vae_params, latents))
 
+  def sampler(self, num_steps: int, shift: float) -> samplers.Sampler:
+    """The objective's sampler settings for one run (``shift`` applies to rectified flow only)."""
+    return samplers.make_sampler(self.objective, num_steps, shift, use_karras_sigmas=self.use_karras_sigmas,
+                                 guidance_form=self.guidance_form)
+
   def sample_fn(self, num_steps: int, shift: float, guided: bool):
-    """The jitted ``(dit_params, noise, text, uncond_text, gt, mask, guidance) -> latents``."""
-    key = (int(num_steps), float(shift), bool(guided))
+    """The jitted ``(dit_params, noise, text, uncond_text, gt, mask, guidance) -> latents``.
+
+    ``gt`` and the result are normalised VAE latents for either objective."""
+    sampler = self.sampler(num_steps, shift)
+    key = (sampler, bool(guided))
     if key not in self._sample_fns:
-      schedule = rf_unipc_schedule(int(num_steps), float(shift), use_karras_sigmas=self.use_karras_sigmas)
       apply = self._apply
 
       def run(dit_params, noise, text, uncond_text, gt, mask, guidance):
-        def denoise(x, timesteps, txt, m):
+        def net(x, timesteps, txt, m):
           # The DiT takes the condition mask at full latent size [B, 1, T, H, W].
           m = jnp.broadcast_to(m, (x.shape[0], 1) + x.shape[2:]).astype(x.dtype)
           return apply(dit_params, x, timesteps, txt, m)
 
-        return samplers.sample_rf(
-            denoise, noise, schedule, text_embeddings=text,
-            uncond_text_embeddings=uncond_text if guided else None, gt_latents=gt, cond_mask=mask,
-            guidance=guidance if guided else 0.0,
-            conditional_frame_timestep=self.conditional_frame_timestep, guidance_form=self.guidance_form)
+        return sampler(net, noise, text_embeddings=text, uncond_text_embeddings=uncond_text if guided else None,
+                       gt_latents=gt, cond_mask=mask, guidance=guidance if guided else 0.0)
 
-      self._sample_fns[key] = jax.jit(run)
+      self._sample_fns[key] = self._jit(run)
     return self._sample_fns[key]
 
   # ---- steps ----------------------------------------------------------------------------------
-  def _text(self, emb: Any, like: Array | None = None) -> Array:
-    if emb is None:
-      return jnp.zeros_like(like)
+  def text_embedding(self, emb: Any) -> Array:
+    """[L, D] or [1, L, D] -> [1, L, D] in the text dtype, checking the DiT's text width."""
     arr = jnp.asarray(emb)
     if arr.ndim == 2:
       arr = arr[None]
@@ -229,6 +254,8 @@ class Video2WorldPipeline:
                        f"{tuple(text.shape)} (both CFG branches run in one batch)")
     fn = self.sample_fn(num_steps, shift, guided)
     params = self.dit_params if dit_params is None else self.put(dit_params)
+    if params is None:
+      raise ValueError("no DiT parameters: the pipeline was built without them, pass dit_params")
     args = self.put((noise, text, uncond_text if guided else text, gt, mask, jnp.float32(guidance)))
     with self._mesh_scope():
       return fn(params, *args)
@@ -246,8 +273,8 @@ class Video2WorldPipeline:
     if not 0 <= req.num_conditional_frames < shape[2]:
       raise ValueError(f"num_conditional_frames={req.num_conditional_frames} must be in [0, {shape[2]}) for "
                        f"{req.num_frames} frames")
-    text = self._text(req.text_embedding)
-    uncond = None if req.negative_text_embedding is None else self._text(req.negative_text_embedding)
+    text = self.text_embedding(req.text_embedding)
+    uncond = None if req.negative_text_embedding is None else self.text_embedding(req.negative_text_embedding)
     gt = self.encode_conditional(req.cond_frames, shape, req.num_conditional_frames, vae_params)
     if gt is not None:
       gt.block_until_ready()
