@@ -2,14 +2,16 @@
 
 Golden fixtures come from ``$V2W_FIXTURES`` (default: ``../shared/fixtures`` next to the repository).
 Parity tests read every size, head count and frame count from the fixture files themselves, so any
-folder with the same layout must pass.
+folder with the same layout must pass. Shared loader: ``load_fixture_npz`` (golden ``.npz`` files).
 """
 
 from __future__ import annotations
 
 import os
 import pathlib
+from typing import Callable
 
+import numpy as np
 import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -30,3 +32,18 @@ def fixtures_dir() -> pathlib.Path:
 @pytest.fixture(scope="session")
 def repo_root() -> pathlib.Path:
   return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def load_fixture_npz(fixtures_dir: pathlib.Path) -> Callable[[str], dict[str, np.ndarray]]:
+  """``load_fixture_npz("samplers/rf_unipc.npz")``: every array of a golden ``.npz`` under the fixtures
+  folder, as a new dict per call; a missing file fails the test that asks for it, naming the path."""
+
+  def load(rel: str) -> dict[str, np.ndarray]:
+    path = fixtures_dir / rel
+    if not path.is_file():
+      pytest.fail(f"missing fixture {path}")
+    with np.load(path) as z:
+      return dict(z)
+
+  return load

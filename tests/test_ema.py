@@ -11,11 +11,8 @@ from v2w_jax.training import ema
 
 
 @pytest.fixture(scope="module")
-def fx(fixtures_dir):
-  path = fixtures_dir / "samplers" / "lr_and_ema.npz"
-  if not path.is_file():
-    pytest.fail(f"missing fixture {path}")
-  return dict(np.load(path))
+def fx(load_fixture_npz):
+  return load_fixture_npz("samplers/lr_and_ema.npz")
 
 
 def test_gamma_spec_number_4():

@@ -12,19 +12,13 @@ from v2w_jax.diffusion import guidance as G
 
 
 @pytest.fixture(scope="module")
-def rf(fixtures_dir):
-  path = fixtures_dir / "samplers" / "rf_unipc.npz"
-  if not path.is_file():
-    pytest.fail(f"missing fixture {path}")
-  return dict(np.load(path))
+def rf(load_fixture_npz):
+  return load_fixture_npz("samplers/rf_unipc.npz")
 
 
 @pytest.fixture(scope="module")
-def edm(fixtures_dir):
-  path = fixtures_dir / "samplers" / "edm_sampler.npz"
-  if not path.is_file():
-    pytest.fail(f"missing fixture {path}")
-  return dict(np.load(path))
+def edm(load_fixture_npz):
+  return load_fixture_npz("samplers/edm_sampler.npz")
 
 
 def _runs(data):

@@ -15,11 +15,8 @@ NEMO = dict(warm_up_steps=(2000,), cycle_lengths=(100000,), f_start=(1e-6,), f_m
 
 
 @pytest.fixture(scope="module")
-def fx(fixtures_dir):
-  path = fixtures_dir / "samplers" / "lr_and_ema.npz"
-  if not path.is_file():
-    pytest.fail(f"missing fixture {path}")
-  return dict(np.load(path))
+def fx(load_fixture_npz):
+  return load_fixture_npz("samplers/lr_and_ema.npz")
 
 
 def _fixture_schedule(fx):

@@ -14,11 +14,8 @@ from v2w_jax.diffusion.objective import RectifiedFlowObjective
 
 
 @pytest.fixture(scope="module")
-def fx(fixtures_dir):
-  path = fixtures_dir / "samplers" / "rf_train_time.npz"
-  if not path.is_file():
-    pytest.fail(f"missing fixture {path}")
-  return dict(np.load(path))
+def fx(load_fixture_npz):
+  return load_fixture_npz("samplers/rf_train_time.npz")
 
 
 def test_table_bit_exact_against_fixture(fx):
