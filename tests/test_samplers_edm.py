@@ -8,9 +8,12 @@ import pytest
 import jax
 import jax.numpy as jnp
 
+from v2w_jax.diffusion import edm as edm_lib
+from v2w_jax.diffusion import guidance as guidance_lib
 from v2w_jax.diffusion import samplers
 from v2w_jax.diffusion.edm_sampler import edm_2ab_coefficients, edm_2ab_update, edm_sample
 from v2w_jax.diffusion.guidance import conditional_frame_mask
+from v2w_jax.diffusion.objective import make_objective
 from v2w_jax.diffusion.timesteps import edm_karras_sigmas, karras_sigmas
 
 RUNS = ("s35", "s10", "gauss")
@@ -126,11 +129,83 @@ def test_full_loop_with_toy_net(edm, name, x64):
 def test_gauss_close_to_closed_form(edm):
   r = _run(edm, "gauss")
   net = make_toy_x0_net(edm, False, float(r["sigma_data"]))(jnp.zeros((1,) + r["noise"].shape))
-  out = samplers.generate_latents_edm(
-      net, (1,) + r["noise"].shape, text_embeddings=jnp.ones((1, 2)), guidance=0.0, seed=int(r["seed"]),
-      num_steps=int(r["num_steps"]), sigma_max=float(r["sigma_max"]), sigma_min=float(r["sigma_min"]))
+  noise = guidance_lib.initial_noise((1,) + r["noise"].shape, int(r["seed"]))
+  out = jax.jit(lambda n: samplers.sample_edm(
+      net, n, _sigmas(r), text_embeddings=jnp.ones((1, 2)), uncond_text_embeddings=None, gt_latents=None,
+      cond_mask=conditional_frame_mask(0, 1, n.shape[2]), guidance=0.0))(noise)
   np.testing.assert_allclose(out[0], r["final"], atol=TRAJ_ATOL, rtol=0)
   assert np.abs(np.asarray(out[0], np.float64) - edm["gauss_analytic"]).max() < 0.06  # README: 0.0481
+
+
+def make_toy_raw_net(edm, use_coupling: bool, sigma_data: float):
+  """The fixture's toy as a raw network F (README §3: c_skip x + c_out F equals the toy x0 predictor): it
+  recovers sigma from the c_noise of the last (noisy) frame, x from its input c_in x, and reads the coupling
+  term off its input directly (conditional frames there: gt / sigma_data). EDM scaling only."""
+  toy = make_toy_x0_net(edm, use_coupling, sigma_data)
+
+  def net(net_in, c_noise_b_t, text, cond_mask):
+    sigma = jnp.exp(4.0 * c_noise_b_t[:, -1:])  # c_noise = ln(sigma) / 4
+    c_skip, c_out, c_in, _ = edm_lib.edm_scaling(sigma[:, :, None, None, None], sigma_data)
+    x = net_in / c_in
+    # The toy's own input replacement gets the clean frames back from net_in (= gt / sigma_data there).
+    d = toy(net_in * sigma_data)(x, sigma, text, cond_mask)
+    return (d - c_skip * x) / c_out
+
+  return net
+
+
+@pytest.mark.parametrize("name", RUNS)
+def test_edm_sampler_on_raw_net(edm, name):
+  """The model path: EDMSampler = edm_denoiser preconditioning + sigma_data latent scaling + 2ab, on the raw
+  toy F, reproduces the reference final sample; conditional frames end exactly at gt."""
+  r = _run(edm, name)
+  sd = float(r["sigma_data"])
+  n_cond = int(r["num_cond_frames"])
+  sampler = samplers.EDMSampler(num_steps=int(r["num_steps"]), sigma_max=float(r["sigma_max"]),
+                                sigma_min=float(r["sigma_min"]), sigma_data=sd)
+  assert samplers.make_sampler(make_objective(_edm_config(r)), int(r["num_steps"])) == sampler
+  net = make_toy_raw_net(edm, bool(r["use_coupling"]), sd)
+  gt_normalised = jnp.asarray(r["video"], jnp.float32)[None]  # the toy VAE is the identity
+  out = samplers.generate_latents(
+      net, (1,) + r["noise"].shape, text_embeddings=jnp.ones((1, 3, 8)), uncond_text_embeddings=jnp.zeros((1, 3, 8)),
+      gt_latents=gt_normalised, num_conditional_frames=n_cond, guidance=float(r["guidance"]), sampler=sampler,
+      noise=jnp.asarray(r["noise"])[None])
+  np.testing.assert_allclose(out[0] * sd, r["final"], atol=TRAJ_ATOL, rtol=0)
+  np.testing.assert_array_equal(out[0, :, :n_cond], gt_normalised[0, :, :n_cond])
+
+
+def _edm_config(r):
+  from configs import nemo_edm  # pylint: disable=import-outside-toplevel
+
+  c = nemo_edm.get_config()
+  c.objective.edm.update(sigma_max=float(r["sigma_max"]), sigma_min=float(r["sigma_min"]),
+                         sigma_data=float(r["sigma_data"]))
+  return c
+
+
+def test_edm_denoiser_matches_training_loss():
+  """edm_denoiser is the preconditioning of edm.edm_loss: the loss rebuilt from it equals edm_loss."""
+  rng = np.random.default_rng(0)
+  b, c, t, h, w = 2, 3, 4, 2, 3
+  x0 = jnp.asarray(rng.standard_normal((b, c, t, h, w)), jnp.float32) * 0.5
+  eps = jnp.asarray(rng.standard_normal((b, c, t, h, w)), jnp.float32)
+  sigma = jnp.asarray([0.3, 7.0], jnp.float32)
+  frame_mask = jnp.asarray([[1, 0, 0, 0], [1, 1, 0, 0]], jnp.float32)
+  w_mix = jnp.asarray(rng.standard_normal((c, c)), jnp.float32)
+
+  def raw(net_in, c_noise_b_t):  # any nonlinear function of the input and the per-frame c_noise
+    return jnp.tanh(jnp.einsum("ij,bjthw->bithw", w_mix, net_in) + c_noise_b_t[:, None, :, None, None])
+
+  for scaling in ("edm", "rectified_flow"):
+    sd = 0.5 if scaling == "edm" else 1.0
+    loss, _ = edm_lib.edm_loss(raw, x0, eps, sigma, frame_mask, sigma_data=sd, scaling=scaling,
+                               net_dtype=jnp.float32, loss_reduce="mean")
+    denoise = samplers.edm_denoiser(lambda x, cn, text, m: raw(x, cn), sigma_data=sd, scaling=scaling)
+    mask = frame_mask[:, None, :, None, None]
+    x_in = guidance_lib.impose_input_frames(x0 + sigma[:, None, None, None, None] * eps, x0, mask)
+    x0_pred = guidance_lib.impose_x0_frames(denoise(x_in, sigma[:, None], None, mask), x0, mask)
+    want = 10.0 * jnp.mean(edm_lib.loss_weight(sigma[:, None, None, None, None], scaling, sd) * (x0 - x0_pred) ** 2)
+    np.testing.assert_allclose(float(loss), float(want), rtol=1e-6)
 
 
 def test_edm_sample_bad_grid():

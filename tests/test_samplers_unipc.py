@@ -190,7 +190,8 @@ def test_generate_latents_batched_matches_single(rf):
   noise = jnp.asarray(np.stack([r["noise"], np.random.RandomState(7).standard_normal((c, t, h, w))]),
                       jnp.float32)
   text_c, text_u = jnp.ones((2, 3, 8)), jnp.zeros((2, 3, 8))
-  kw = dict(guidance=float(r["guidance"]), num_steps=int(r["num_steps"]), shift=float(r["shift"]))
+  kw = dict(guidance=float(r["guidance"]),
+            sampler=samplers.RFSampler(num_steps=int(r["num_steps"]), shift=float(r["shift"])))
   both = samplers.generate_latents(net, (2, c, t, h, w), text_embeddings=text_c, uncond_text_embeddings=text_u,
                                    gt_latents=gt, num_conditional_frames=[2, 1], noise=noise, **kw)
   for b, n in enumerate([2, 1]):
