@@ -2,7 +2,8 @@
 
 Golden fixtures come from ``$V2W_FIXTURES`` (default: ``../shared/fixtures`` next to the repository).
 Parity tests read every size, head count and frame count from the fixture files themselves, so any
-folder with the same layout must pass. Shared loader: ``load_fixture_npz`` (golden ``.npz`` files).
+folder with the same layout must pass. Shared loaders: ``load_fixture_npz`` (golden ``.npz`` files) and
+``reference_file`` (the reference folder's key lists and anchors).
 """
 
 from __future__ import annotations
@@ -47,3 +48,18 @@ def load_fixture_npz(fixtures_dir: pathlib.Path) -> Callable[[str], dict[str, np
       return dict(z)
 
   return load
+
+
+@pytest.fixture(scope="session")
+def reference_file() -> Callable[[str], pathlib.Path]:
+  """``reference_file(name)``: a file of the reference folder (``$V2W_REFERENCE``, default ``reference/``
+  next to the fixtures root); a missing file fails the test that asks for it, naming the path."""
+
+  def find(name: str) -> pathlib.Path:
+    env = os.environ.get("V2W_REFERENCE")
+    path = (pathlib.Path(env) if env else fixtures_root().parent / "reference") / name
+    if not path.is_file():
+      pytest.fail(f"{path} not found: set V2W_REFERENCE to the reference folder")
+    return path
+
+  return find

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import os
 import pathlib
 import re
 
@@ -16,7 +15,6 @@ import numpy as np
 import pytest
 
 from configs import nemo
-from conftest import fixtures_root
 from v2w_jax.convert import dit as convert_dit
 from v2w_jax.models import dit
 from v2w_jax.models.dit_config import DiTConfig
@@ -26,15 +24,7 @@ PARAM_COUNT_2B = 2_059_174_912
 _LINE = re.compile(r"^(\S+) \[([0-9,]*)\] (\w+)$")
 
 
-def _reference_dir() -> pathlib.Path:
-  env = os.environ.get("V2W_REFERENCE")
-  return pathlib.Path(env) if env else fixtures_root().parent / "reference"
-
-
-def _reference_keys() -> dict[str, tuple[tuple[int, ...], str]]:
-  path = _reference_dir() / "dit_2b_keys.txt"
-  if not path.is_file():
-    pytest.fail(f"{path} not found: set V2W_REFERENCE to the reference folder")
+def _reference_keys(path: pathlib.Path) -> dict[str, tuple[tuple[int, ...], str]]:
   keys = {}
   for n, line in enumerate(path.read_text().splitlines(), 1):
     if not line.strip():
@@ -61,11 +51,11 @@ def test_param_count(abstract_2b):
 
 
 @pytest.mark.parametrize("scan_blocks", [True, False], ids=["scan", "loop"])
-def test_torch_keys_shapes_dtypes_match_release(cfg_2b, abstract_2b, scan_blocks):
+def test_torch_keys_shapes_dtypes_match_release(cfg_2b, abstract_2b, scan_blocks, reference_file):
   cfg = cfg_2b.replace(scan_blocks=scan_blocks)
   params = dit.unbox(abstract_2b if scan_blocks else dit.abstract_variables(cfg))["params"]
   exported = convert_dit.params_to_torch(params, cfg, dtype=ml_dtypes.bfloat16)
-  reference = _reference_keys()
+  reference = _reference_keys(reference_file("dit_2b_keys.txt"))
   got = {k: (tuple(v.shape), np.dtype(v.dtype).name) for k, v in exported.items()}
   missing = sorted(set(reference) - set(got))
   extra = sorted(set(got) - set(reference))
@@ -74,9 +64,9 @@ def test_torch_keys_shapes_dtypes_match_release(cfg_2b, abstract_2b, scan_blocks
       f"missing {missing[:10]}, extra {extra[:10]}, wrong {[(k, got[k], reference[k]) for k in wrong[:10]]}")
 
 
-def test_import_mapping_accepts_release_layout(cfg_2b):
+def test_import_mapping_accepts_release_layout(cfg_2b, reference_file):
   """torch_to_params' strict check passes on the release's key/shape list (abstract tensors)."""
-  reference = _reference_keys()
+  reference = _reference_keys(reference_file("dit_2b_keys.txt"))
 
   class Fake:
     def __init__(self, shape):

@@ -1,8 +1,6 @@
 """The FLOP formula reproduces the reference timing anchor's model FLOPs term by term."""
 
 import json
-import os
-import pathlib
 
 import pytest
 
@@ -10,17 +8,9 @@ from configs import nemo
 from v2w_jax.training import flops
 
 
-def _anchor(fixtures_dir: pathlib.Path) -> dict:
-  ref = pathlib.Path(os.environ.get("V2W_REFERENCE", fixtures_dir.parent / "reference"))
-  path = ref / "perf_anchor_torch_h200.json"
-  if not path.exists():
-    pytest.fail(f"{path} not found: set V2W_REFERENCE to the reference folder")
-  return json.loads(path.read_text())
-
-
 @pytest.mark.parametrize("shape", ["480p", "720p"])
-def test_matches_reference_anchor(fixtures_dir, shape):
-  anchor = _anchor(fixtures_dir)
+def test_matches_reference_anchor(reference_file, shape):
+  anchor = json.loads(reference_file("perf_anchor_torch_h200.json").read_text())
   fm = anchor["flop_model"][shape]
   latent = next(r["latent"] for r in anchor["results"] if r["shape"] == shape)
   got = flops.dit_flops(nemo.model_2b(), tuple(latent[1:]), fm["text_tokens"])

@@ -4,7 +4,6 @@ checks, shapes, and that encode/decode are a scan (program size independent of c
 from __future__ import annotations
 
 import functools
-import os
 import pathlib
 import re
 
@@ -21,11 +20,6 @@ from v2w_jax.models import vae as vae_lib
 TINY = vae_lib.VAEConfig(base_dim=4, dtype="float32")
 
 
-def _reference_dir(fixtures_dir: pathlib.Path) -> pathlib.Path:
-  env = os.environ.get("V2W_REFERENCE")
-  return pathlib.Path(env) if env else fixtures_dir.parent / "reference"
-
-
 def _read_keys(path: pathlib.Path) -> tuple[dict[str, tuple[int, ...]], int | None]:
   keys: dict[str, tuple[int, ...]] = {}
   total = None
@@ -40,11 +34,8 @@ def _read_keys(path: pathlib.Path) -> tuple[dict[str, tuple[int, ...]], int | No
   return keys, total
 
 
-def test_full_size_params_match_released_state_dict(fixtures_dir):
-  path = _reference_dir(fixtures_dir) / "wan_vae_keys.txt"
-  if not path.is_file():
-    pytest.fail(f"{path} not found: set V2W_REFERENCE to the reference folder")
-  want, total = _read_keys(path)
+def test_full_size_params_match_released_state_dict(reference_file):
+  want, total = _read_keys(reference_file("wan_vae_keys.txt"))
   cfg = vae_lib.VAEConfig()  # released: base_dim 96, z_dim 16
   got = convert_vae.params_to_torch(vae_lib.abstract_params(cfg), cfg)
   assert list(got) == list(want), "key set or order differs"
