@@ -2,18 +2,23 @@
 
 Golden fixtures come from ``$V2W_FIXTURES`` (default: ``../shared/fixtures`` next to the repository).
 Parity tests read every size, head count and frame count from the fixture files themselves, so any
-folder with the same layout must pass. Shared loaders: ``load_fixture_npz`` (golden ``.npz`` files) and
-``reference_file`` (the reference folder's key lists and anchors).
+folder with the same layout must pass. Shared loaders: ``load_fixture_npz`` (golden ``.npz`` files),
+``reference_file`` (the reference folder's key lists and anchors) and ``wan_vae_tiny`` (the VAE goldens).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import pathlib
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import pytest
+
+if TYPE_CHECKING:
+  from v2w_jax.models.vae import VAEConfig
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -63,3 +68,34 @@ def reference_file() -> Callable[[str], pathlib.Path]:
     return path
 
   return find
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEFixture:
+  """The ``wan_vae_tiny`` golden folder: config.json, the converted weights and the case arrays."""
+
+  cfg: VAEConfig
+  config: dict
+  params: dict
+  inputs: dict
+  outputs: dict
+
+  @property
+  def cases(self) -> list[str]:
+    return list(self.config["cases"])
+
+
+@pytest.fixture(scope="session")
+def wan_vae_tiny(fixtures_dir: pathlib.Path) -> VAEFixture:
+  """The VAE golden fixture, loaded once per session (tests only read it)."""
+  # Imported here so that collecting the other tests does not import the model code.
+  from v2w_jax.convert import torch_pt  # pylint: disable=import-outside-toplevel
+  from v2w_jax.convert import vae as convert_vae  # pylint: disable=import-outside-toplevel
+  from v2w_jax.models import vae as vae_lib  # pylint: disable=import-outside-toplevel
+
+  d = fixtures_dir / "wan_vae_tiny"
+  config = json.loads((d / "config.json").read_text())
+  cfg = vae_lib.VAEConfig.from_fixture(config)
+  params = convert_vae.torch_to_params(torch_pt.load(d / "weights.pt"), cfg)
+  with np.load(d / "inputs.npz") as z, np.load(d / "outputs.npz") as o:
+    return VAEFixture(cfg, config, params, dict(z), dict(o))

@@ -8,50 +8,28 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import pathlib
 
 import jax
 import numpy as np
 import pytest
 
-from v2w_jax.convert import torch_pt
-from v2w_jax.convert import vae as convert_vae
+from conftest import VAEFixture
 from v2w_jax.models import vae as vae_lib
 
 LATENT_ATOL, LATENT_RTOL = 1e-4, 1e-4  # fixture README, float32 port
 DECODED_ATOL = 5e-4
 
 
-@dataclasses.dataclass
-class Fixture:
-  cfg: vae_lib.VAEConfig
-  config: dict
-  params: dict
-  inputs: dict
-  outputs: dict
-
-  @property
-  def cases(self) -> list[str]:
-    return list(self.config["cases"])
-
-
 @pytest.fixture(scope="module")
-def fx(fixtures_dir: pathlib.Path) -> Fixture:
-  d = fixtures_dir / "wan_vae_tiny"
-  with open(d / "config.json") as f:
-    config = json.load(f)
-  cfg = vae_lib.VAEConfig.from_fixture(config)
-  params = convert_vae.torch_to_params(torch_pt.load(d / "weights.pt"), cfg)
-  with np.load(d / "inputs.npz") as z, np.load(d / "outputs.npz") as o:
-    return Fixture(cfg, config, params, dict(z), dict(o))
+def fx(wan_vae_tiny: VAEFixture) -> VAEFixture:
+  return wan_vae_tiny
 
 
-def _longest_case(fx: Fixture) -> str:
+def _longest_case(fx: VAEFixture) -> str:
   return max(fx.cases, key=lambda c: fx.inputs[f"{c}/video"].shape[2])
 
 
-def test_chunk_size_does_not_change_results(fx: Fixture):
+def test_chunk_size_does_not_change_results(fx: VAEFixture):
   """Other scan chunkings (incl. a zero-padded ragged tail) give the same numbers (spec §5)."""
   case = _longest_case(fx)
   video, latent = fx.inputs[f"{case}/video"], fx.outputs[f"{case}/latent"]
@@ -73,7 +51,7 @@ def _rel_rms(a: np.ndarray, ref: np.ndarray) -> float:
   return float(np.sqrt(np.mean((a - ref) ** 2)) / np.sqrt(np.mean(ref**2)))
 
 
-def test_bfloat16_within_reference_bf16_error(fx: Fixture):
+def test_bfloat16_within_reference_bf16_error(fx: VAEFixture):
   """bf16 compute stays within 3x the reference's own bf16-vs-f64 RMS error (from config.json)."""
   case = _longest_case(fx)
   checks = fx.config.get("checks", {}).get(case, {}).get("bf16_vs_f64")

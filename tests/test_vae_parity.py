@@ -6,48 +6,22 @@ layout must pass. Tolerances are the fixture README's suggestions for a float32 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
-import pathlib
 
 import jax
 import numpy as np
 import pytest
 
-from v2w_jax.convert import torch_pt
-from v2w_jax.convert import vae as convert_vae
+from conftest import VAEFixture
 from v2w_jax.models import vae as vae_lib
 
 LATENT_ATOL, LATENT_RTOL = 1e-4, 1e-4
 DECODED_ATOL = 5e-4
 
 
-@dataclasses.dataclass
-class Fixture:
-  cfg: vae_lib.VAEConfig
-  config: dict
-  params: dict
-  inputs: dict
-  outputs: dict
-
-  @property
-  def cases(self) -> list[str]:
-    return list(self.config["cases"])
-
-
 @pytest.fixture(scope="module")
-def fx(fixtures_dir: pathlib.Path) -> Fixture:
-  d = fixtures_dir / "wan_vae_tiny"
-  with open(d / "config.json") as f:
-    config = json.load(f)
-  cfg = vae_lib.VAEConfig.from_fixture(config)
-  params = convert_vae.torch_to_params(torch_pt.load(d / "weights.pt"), cfg)
-  with np.load(d / "inputs.npz") as z:
-    inputs = dict(z)
-  with np.load(d / "outputs.npz") as z:
-    outputs = dict(z)
-  return Fixture(cfg, config, params, inputs, outputs)
+def fx(wan_vae_tiny: VAEFixture) -> VAEFixture:
+  return wan_vae_tiny
 
 
 @functools.cache
@@ -57,7 +31,7 @@ def _encode_fn(cfg: vae_lib.VAEConfig):
   return jax.jit(f)
 
 
-def test_encode_matches_reference(fx: Fixture):
+def test_encode_matches_reference(fx: VAEFixture):
   assert fx.cases, "fixture config.json lists no cases"
   with jax.default_matmul_precision("highest"):
     for case in fx.cases:
@@ -74,7 +48,7 @@ def test_encode_matches_reference(fx: Fixture):
                                  rtol=LATENT_RTOL, err_msg=f"{case}: latent vs f64")
 
 
-def test_decode_matches_reference(fx: Fixture):
+def test_decode_matches_reference(fx: VAEFixture):
   decode = jax.jit(functools.partial(vae_lib.decode_latents, fx.cfg))
   with jax.default_matmul_precision("highest"):
     for case in fx.cases:
