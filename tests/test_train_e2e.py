@@ -134,27 +134,52 @@ def test_sigkill_and_restart_is_bitwise_exact(dataset, tmp_path):
     assert resumed[step] == ref_losses[step]
 
 
-def test_two_processes_match_one_process(dataset, tmp_path):
-  args = ("--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.data.global_batch_size=4",
-          "--config.trainer.max_iter=6", "--config.trainer.logging_iter=1", "--config.trainer.save_iter=6",
-          "--config.trainer.run_validation=False")
-  one = tmp_path / "one"
-  _run(_command(dataset, *args), _env(one, 4))
+def _losses(out: pathlib.Path) -> list[float]:
+  return [m["train/loss"] for m in _metrics(out) if "train/loss" in m]
 
-  two = tmp_path / "two"
+
+def _run_two_processes(cmd: list[str], out: pathlib.Path) -> None:
+  """`cmd` as 2 JAX processes x 2 CPU devices with a local coordinator (the launch contract)."""
   port = _free_port()
   procs = []
   for pid in range(2):
-    env = _env(two, 1, V2W_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", V2W_NUM_PROCESSES="2",
+    env = _env(out, 1, V2W_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", V2W_NUM_PROCESSES="2",
                V2W_PROCESS_ID=str(pid), V2W_CPU_DEVICES="2")
     env.pop("XLA_FLAGS")
-    procs.append(subprocess.Popen(_command(dataset, *args), cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+    procs.append(subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True))
   outs = [p.communicate(timeout=600)[0] for p in procs]
   for p, o in zip(procs, outs):
     assert p.returncode == 0, o[-5000:]
-  losses = lambda out: [m["train/loss"] for m in _metrics(out) if "train/loss" in m]  # noqa: E731
+
+
+@pytest.mark.parametrize("mesh", [
+    ("--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.data.global_batch_size=4"),
+    # Context parallel 2 (13 frames -> 4 latent frames, divisible by 2) with FSDP 2.
+    ("--config.mesh.fsdp=2", "--config.mesh.context=2", "--config.data.global_batch_size=2",
+     "--config.data.num_frames=13"),
+], ids=["data2_fsdp2", "fsdp2_context2"])
+def test_two_processes_match_one_process(dataset, tmp_path, mesh):
+  args = (*mesh, "--config.trainer.max_iter=6", "--config.trainer.logging_iter=1",
+          "--config.trainer.save_iter=6", "--config.trainer.run_validation=False")
+  one, two = tmp_path / "one", tmp_path / "two"
+  _run(_command(dataset, *args), _env(one, 4))
+  _run_two_processes(_command(dataset, *args), two)
   # Same batches, same randomness; only the cross-process (gloo) reductions sum in another order.
   # A batch assembled in another order differs by ~1e-3 (this test caught that once).
-  np.testing.assert_allclose(losses(two), losses(one), rtol=1e-4)
-  assert len(losses(one)) == 6
+  np.testing.assert_allclose(_losses(two), _losses(one), rtol=1e-4)
+  assert len(_losses(one)) == 6
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (("--config.mesh.fsdp=3",), "config.mesh"),
+    (("--config.mesh.fsdp=1", "--config.mesh.context=4", "--config.data.num_frames=13",
+      "--config.model.num_heads=2", "--config.model.model_channels=32"), "head"),
+    (("--config.mesh.fsdp=-1", "--config.data.global_batch_size=3"), "global_batch_size"),
+], ids=["mesh_vs_devices", "context_vs_heads", "batch_vs_mesh"])
+def test_bad_mesh_fails_at_start_with_a_clear_message(dataset, tmp_path, overrides, message):
+  proc = subprocess.run(_command(dataset, *overrides), cwd=REPO_ROOT, env=_env(tmp_path, 4),
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0
+  assert "error: " in proc.stderr and message in proc.stderr, proc.stderr[-3000:]
+  assert not (_job(tmp_path) / "checkpoints").exists() or not any((_job(tmp_path) / "checkpoints").iterdir())
