@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from v2w_jax.data.sample_dataset import write_mp4
+from v2w_jax.data.video import write_mp4
 
 
 def _run(repo_root, *args: str) -> subprocess.CompletedProcess:

@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pytest
 
-from v2w_jax.data.sample_dataset import write_mp4
+from v2w_jax.data.video import write_mp4
 from v2w_jax.inference import conditioning as C
 
 

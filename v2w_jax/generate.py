@@ -119,7 +119,7 @@ def build_pipeline(config, *, checkpoint: str = "", vae_checkpoint: str = "", al
 def generate_all(specs: Sequence[Any], pipe, resolver, output_dir: str | os.PathLike, *, info: dict | None = None,
                  keep_going: bool = False) -> list[dict]:
   """Generates every sample; returns one record per sample (path, timings, or the error)."""
-  from v2w_jax.data.sample_dataset import write_mp4  # pylint: disable=import-outside-toplevel
+  from v2w_jax.data.video import write_mp4  # pylint: disable=import-outside-toplevel
   from v2w_jax.inference import conditioning  # pylint: disable=import-outside-toplevel
   from v2w_jax.inference.pipeline import GenerationRequest  # pylint: disable=import-outside-toplevel
 
