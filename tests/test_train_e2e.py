@@ -183,3 +183,19 @@ def test_bad_mesh_fails_at_start_with_a_clear_message(dataset, tmp_path, overrid
   assert proc.returncode != 0
   assert "error: " in proc.stderr and message in proc.stderr, proc.stderr[-3000:]
   assert not (_job(tmp_path) / "checkpoints").exists() or not any((_job(tmp_path) / "checkpoints").iterdir())
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(dataset, tmp_path):
+  proc = subprocess.run(
+      _command(dataset, "--config.optim.lr=1e30", "--config.optim.clip_grad_norm=0.0",
+               "--config.schedule.f_start=(1.0,)", "--config.schedule.f_max=(1.0,)",
+               "--config.trainer.save_iter=1", "--config.trainer.max_iter=10",
+               "--config.trainer.run_validation=False"),
+      cwd=REPO_ROOT, env=_env(tmp_path, 1), capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert "error: non-finite loss" in proc.stderr, proc.stderr[-3000:]
+  steps = sorted(int(p.name) for p in (_job(tmp_path) / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps and max(steps) < 10
+  params = _final_params(tmp_path, max(steps))
+  assert all(np.all(np.isfinite(v)) for k, v in params.items() if k.startswith("/params")), (
+      "the kept checkpoint must hold finite parameters")

@@ -16,6 +16,9 @@ import jax
 import numpy as np
 
 
+_BAR_WIDTH = 20
+
+
 def _scalar(v: Any) -> Any:
   if isinstance(v, (np.ndarray, np.generic)) or hasattr(v, "__array__"):
     a = np.asarray(v)
@@ -68,7 +71,9 @@ class MetricLogger:
     done = step - self._start_step
     elapsed = time.monotonic() - self._start_time
     remaining = (self.total_steps - step) * elapsed / max(done, 1)
-    parts = [f"step {step}/{self.total_steps} ({100.0 * step / self.total_steps:5.1f}%)",
+    filled = int(_BAR_WIDTH * step / max(self.total_steps, 1))
+    bar = "#" * filled + "." * (_BAR_WIDTH - filled)
+    parts = [f"[{bar}] step {step}/{self.total_steps} ({100.0 * step / self.total_steps:5.1f}%)",
              f"eta {_fmt_duration(remaining)}"]
     for k, v in metrics.items():
       v = _scalar(v)
