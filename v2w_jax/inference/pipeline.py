@@ -134,7 +134,6 @@ class Video2WorldPipeline:
     if self.mesh is None:
       return jax.tree.map(jnp.asarray, tree)
     rep = self._replicated()
-
     multi = jax.process_count() > 1
 
     def one(x):
