@@ -22,7 +22,7 @@ import zlib
 import numpy as np
 
 from v2w_jax.data import text as text_lib
-from v2w_jax.data.video import write_mp4  # re-exported: generate.py and two inference tests import it from here
+from v2w_jax.data.video import write_mp4
 
 DEFAULT_CAPTION = "A video of sks teal robot."
 TOY_ENCODER = "toy-hashed-ngram-projection-v1 (stand-in, NOT Cosmos-Reason1.1)"
