@@ -22,7 +22,6 @@ import jax.numpy as jnp
 from benchmarks import common
 from configs import nemo, tiny
 from v2w_jax.models import dit
-from v2w_jax.models.dit_config import DiTConfig
 from v2w_jax.parallel import mesh as mesh_lib
 from v2w_jax.training import flops as flops_lib
 from v2w_jax.training import optim as optim_lib
@@ -41,7 +40,7 @@ def run(shape: str, remat: str, precision: str, steps: int, warmup: int, use_tin
   t, h, w = SHAPES[shape]
   text_tokens = int(config.data.text_tokens)
   mesh = mesh_lib.make_mesh(config.mesh)
-  dit_cfg = DiTConfig.from_config(config.model, logical_axis_rules=tuple(map(tuple, config.mesh.rules)))
+  dit_cfg = trainer.dit_config(config)
   tx = optim_lib.make_optimizer(config)
   _, state_sh, initial_state = trainer.build_state(config, mesh, types.SimpleNamespace(dit_cfg=dit_cfg), tx)
   state = initial_state()

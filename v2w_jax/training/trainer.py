@@ -63,9 +63,13 @@ class Model:
   encode: Any  # jitted (vae_params, video uint8 [B,3,T,H,W]) -> latents fp32
 
 
+def dit_config(config) -> DiTConfig:
+  return DiTConfig.from_config(config.model, logical_axis_rules=tuple(map(tuple, config.mesh.rules)))
+
+
 def build_model(config, mesh, random_vae_dir: pathlib.Path) -> Model:
   """DiT/VAE configs and VAE weights (random ones are saved to `random_vae_dir` for generate)."""
-  dit_cfg = DiTConfig.from_config(config.model, logical_axis_rules=tuple(map(tuple, config.mesh.rules)))
+  dit_cfg = dit_config(config)
   vae_cfg = vae_lib.VAEConfig.from_config(config.vae)
   rep = sharding_lib.replicated(mesh)
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),
@@ -163,8 +167,8 @@ def train(config) -> dict[str, Any]:
   mesh = mesh_lib.make_mesh(config.mesh)
   _log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), jax.device_count(),
             jax.process_count())
+  validate_mesh(config, mesh, dit_config(config))  # cheap checks before anything compiles
   model = build_model(config, mesh, workdir / "random_vae")
-  validate_mesh(config, mesh, model.dit_cfg)
 
   # ---- Data: checked at start (every bad file named), host-local batches -------------------------
   if config.data.get("make_sample_dataset", False):
