@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from v2w_jax.data.video import write_mp4
+from v2w_jax.data.video import write_mp4, write_png
 
 
 def _run(repo_root, *args: str) -> subprocess.CompletedProcess:
@@ -28,24 +28,12 @@ def _read_mp4(path):
     return np.stack(frames), float(stream.average_rate)
 
 
-def _write_png(path, img):
-  import av  # pylint: disable=import-outside-toplevel
-
-  with av.open(str(path), "w", format="image2") as out:
-    s = out.add_stream("png")
-    s.width, s.height, s.pix_fmt = img.shape[1], img.shape[0], "rgb24"
-    for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-      out.mux(p)
-    for p in s.encode():
-      out.mux(p)
-
-
 @pytest.fixture()
 def assets(tmp_path):
   rng = np.random.default_rng(0)
   np.save(tmp_path / "emb.npy", rng.standard_normal((16, 48)).astype(np.float32))  # tiny DiT: D = 48
   np.save(tmp_path / "neg.npy", rng.standard_normal((16, 48)).astype(np.float32))
-  _write_png(tmp_path / "img.png", rng.integers(0, 256, (40, 64, 3), dtype=np.uint8))
+  write_png(tmp_path / "img.png", rng.integers(0, 256, (40, 64, 3), dtype=np.uint8))
   write_mp4(tmp_path / "clip.mp4", rng.integers(0, 256, (7, 36, 48, 3), dtype=np.uint8), 16)
   return tmp_path
 

@@ -11,20 +11,8 @@ import math
 import numpy as np
 import pytest
 
-from v2w_jax.data.video import write_mp4
+from v2w_jax.data.video import write_mp4, write_png
 from v2w_jax.inference import conditioning as C
-
-
-def _write_png(path, img: np.ndarray) -> None:
-  import av  # pylint: disable=import-outside-toplevel
-
-  with av.open(str(path), "w", format="image2") as out:
-    s = out.add_stream("png")
-    s.width, s.height, s.pix_fmt = img.shape[1], img.shape[0], "rgb24"
-    for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-      out.mux(p)
-    for p in s.encode():
-      out.mux(p)
 
 
 def _torch_reference(frames: np.ndarray, size) -> np.ndarray:
@@ -79,7 +67,7 @@ def test_resize_and_crop_matches_torch(hw):
 def test_image_gives_one_frame(tmp_path):
   rng = np.random.default_rng(2)
   img = rng.integers(0, 256, (40, 64, 3), dtype=np.uint8)
-  _write_png(tmp_path / "a.png", img)
+  write_png(tmp_path / "a.png", img)
   out = C.conditional_frames(tmp_path / "a.png", 1, (32, 48))
   assert out.shape == (3, 1, 32, 48)
   np.testing.assert_array_equal(out, C.resize_and_crop(img[None], (32, 48)))  # PNG is lossless

@@ -13,6 +13,8 @@ import pathlib
 import sys
 from typing import Sequence
 
+from v2w_jax.data import dataset as dataset_lib
+
 DEFAULT_PROMPT = "A video of sks teal robot."
 
 
@@ -23,14 +25,10 @@ class PromptError(RuntimeError):
 def create_prompts(dataset_dir: str | pathlib.Path, prompt: str = DEFAULT_PROMPT) -> list[pathlib.Path]:
   """Writes the missing caption files; returns the files written (in video order)."""
   root = pathlib.Path(dataset_dir)
-  if not root.is_dir():
-    raise PromptError(f"{root}: dataset folder does not exist")
-  videos_dir = root / "videos"
-  if not videos_dir.is_dir():
-    raise PromptError(f"{root}: no videos/ folder (expected DATASET/videos/*.mp4)")
-  videos = sorted(p for p in videos_dir.glob("*.mp4") if p.is_file())
-  if not videos:
-    raise PromptError(f"{videos_dir}: no .mp4 files")
+  try:
+    videos = dataset_lib.list_videos(root)  # the loader's own view of the folder
+  except dataset_lib.DataError as e:
+    raise PromptError(str(e)) from e
   if not prompt.strip():
     raise PromptError("the prompt is empty")
   metas = root / "metas"

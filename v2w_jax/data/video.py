@@ -401,6 +401,19 @@ def resize_frames(frames: np.ndarray, size: Sequence[int], *, chunk: int = 2) ->
 # Writing.
 
 
+def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
+  """Writes one uint8 RGB image [H, W, 3] as PNG (PyAV's image2 muxer; no imaging library needed)."""
+  import av  # pylint: disable=import-outside-toplevel
+
+  with av.open(str(path), "w", format="image2") as out:
+    stream = out.add_stream("png")
+    stream.width, stream.height, stream.pix_fmt = image.shape[1], image.shape[0], "rgb24"
+    for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")):
+      out.mux(packet)
+    for packet in stream.encode():
+      out.mux(packet)
+
+
 def write_mp4(
     path: str | os.PathLike, frames: np.ndarray, fps: float = 16, *, qp: int = 12, threads: int = 1
 ) -> None:
