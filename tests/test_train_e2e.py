@@ -199,3 +199,27 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(dataset, tmp_p
   params = _final_params(tmp_path, max(steps))
   assert all(np.all(np.isfinite(v)) for k, v in params.items() if k.startswith("/params")), (
       "the kept checkpoint must hold finite parameters")
+
+
+def test_sigterm_saves_and_the_same_command_resumes(dataset, tmp_path):
+  args = ("--config.trainer.max_iter=400", "--config.trainer.save_iter=1000",
+          "--config.trainer.run_validation=False", "--config.trainer.logging_iter=1")
+  proc = subprocess.Popen(_command(dataset, *args), cwd=REPO_ROOT, env=_env(tmp_path, 1),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  metrics = _job(tmp_path) / "metrics.jsonl"
+  deadline = time.monotonic() + 600
+  while proc.poll() is None and time.monotonic() < deadline:
+    if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+      break
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  saved = [int(p.name) for p in (_job(tmp_path) / "checkpoints").iterdir() if p.name.isdigit()]
+  assert len(saved) == 1 and 3 <= saved[0] < 400, saved  # saved at the step it stopped, not at save_iter
+  last_logged = max(m["step"] for m in _metrics(tmp_path) if "train/loss" in m)
+  assert last_logged == saved[0]
+
+  _run(_command(dataset, *args[1:], "--config.trainer.max_iter=" + str(saved[0] + 2)), _env(tmp_path, 1))
+  steps = [m["step"] for m in _metrics(tmp_path) if "train/loss" in m]
+  assert steps[-2:] == [saved[0] + 1, saved[0] + 2]  # resumed right after the saved step

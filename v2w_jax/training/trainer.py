@@ -213,13 +213,18 @@ def train(config) -> dict[str, Any]:
     meta = {"step": step, "seed": int(config.seed), "config": json.loads(config.to_json_best_effort())}
     checkpointer.save(step, state, data_iter, meta, force=force)
 
+  val_batches: list[dict] = []
+
   def validate() -> dict[str, float]:
-    """EMA loss at fixed timesteps on the first batches of the validation set (same each time)."""
+    """EMA loss at fixed timesteps on the first batches of the validation set (the same each time)."""
+    if not val_batches:  # read (and checked) once, then kept on the host
+      val_iter = dataset_lib.make_loader(config, split="val")
+      val_batches.extend(next(val_iter) for _ in range(int(config.trainer.get("validation_batches", 2))))
+      val_iter.close()
     params = state.ema_params if state.ema_params is not None else state.params
     totals: dict[str, list[float]] = {}
-    val_iter = dataset_lib.make_loader(config, split="val")
-    for i in range(int(config.trainer.get("validation_batches", 2))):
-      batch = model_batch(next(val_iter))
+    for i, host_batch in enumerate(val_batches):
+      batch = model_batch(host_batch)
       for t in config.trainer.validation_timesteps:
         m = _host_metrics(eval_step(params, batch, jax.random.key(1000 + i), t))
         totals.setdefault(f"loss_t{int(t)}", []).append(m["loss"])
