@@ -145,9 +145,10 @@ def _memory_gib() -> dict[str, float]:
           "mem_peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30}
 
 
-def _oom_hint(err: Exception) -> Exception:
+def oom_hint(err: Exception) -> MemoryError | None:
+  """For an out-of-device-memory error, a MemoryError saying which settings to change; else None."""
   if "RESOURCE_EXHAUSTED" not in str(err) and "out of memory" not in str(err).lower():
-    return err
+    return None
   return MemoryError(
       "out of device memory at the first step. Settings that lower memory, in order of cost: "
       "--config.model.remat_policy=full (recompute blocks), a larger --config.mesh.fsdp (shard "
@@ -253,8 +254,11 @@ def train(config) -> dict[str, Any]:
           t2 = time.perf_counter()
           state, dev_metrics = train_step(state, batch, base_rng)
           m = _host_metrics(dev_metrics)  # waits for the step: loss is checked every step
-        except Exception as err:  # noqa: BLE001 - re-raised with a hint when it is an OOM
-          raise _oom_hint(err) from err
+        except Exception as err:  # noqa: BLE001 - an out-of-memory error gets a hint, others pass
+          hint = oom_hint(err)
+          if hint is None:
+            raise
+          raise hint from err
         t3 = time.perf_counter()
         step += 1
         if not np.isfinite(m["loss"]):
