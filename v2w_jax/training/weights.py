@@ -53,7 +53,10 @@ def load_params(
   if not path.exists():
     raise FileNotFoundError(f"{what} checkpoint {path} does not exist")
   if is_torch_checkpoint(path):
-    np_params = torch_to_params(torch_pt.load(path))
+    try:
+      np_params = torch_to_params(torch_pt.load(path))
+    except ValueError as e:  # strict key/shape report: say which file it is about
+      raise ValueError(f"{what} checkpoint {path} does not fit the configured model: {e}") from e
     want = jax.tree.map(lambda a: a.shape, abstract)
     got = jax.tree.map(lambda a: tuple(np.shape(a)), np_params)
     if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
