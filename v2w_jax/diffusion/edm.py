@@ -136,6 +136,36 @@ def sample_sigma(
   return sigma
 
 
+def precondition(
+    net_fn: Callable[[jax.Array, jax.Array], jax.Array],
+    x_sigma: jax.Array,
+    gt: jax.Array,
+    sigma: jax.Array,
+    mask: jax.Array,
+    *,
+    sigma_data: float,
+    scaling: str,
+    sigma_conditional: float,
+    net_dtype=jnp.float32,
+) -> jax.Array:
+  """The reference ``denoise``: x̂0 = c_skip·x_σ + c_out·F(net_in, c_noise) (training_spec §2.2 steps 3-4).
+
+  Noisy frames enter the net as c_in·x_σ with c_noise(σ); conditional frames (``mask`` [B|1,1,T,1,1] > 0)
+  as the clean gt/σ_data with c_noise(σ_conditional). ``net_fn(net_in, c_noise_B_T) -> F``; ``sigma``
+  broadcasts as [B,1,1,1,1]. Shared by the training loss and the EDM sampler's denoiser.
+  """
+  scale = scaling_fn(scaling, sigma_data)
+  b, t = x_sigma.shape[0], x_sigma.shape[2]
+  c_skip, c_out, c_in, c_noise = scale(sigma)
+  cond = mask > 0
+  net_in = jnp.where(cond, gt / sigma_data, c_in * x_sigma).astype(net_dtype)
+  c_noise_cond = scale(jnp.full((1,), sigma_conditional, jnp.float32))[3]
+  c_noise_B_T = jnp.where(jnp.broadcast_to(cond[:, 0, :, 0, 0], (b, t)), c_noise_cond,
+                          jnp.broadcast_to(c_noise.reshape(b, 1), (b, t)))
+  net_out = net_fn(net_in, c_noise_B_T.astype(jnp.float32)).astype(jnp.float32)
+  return c_skip * x_sigma + c_out * net_out
+
+
 def edm_loss(
     net_fn: Callable[[jax.Array, jax.Array], jax.Array],
     x0: jax.Array,
@@ -163,18 +193,13 @@ def edm_loss(
   Returns:
     (scalar loss, aux) with aux['sq_err_per_sample'] [B] (unweighted mean (x0 − x̂0)² per sample).
   """
-  scale = scaling_fn(scaling, sigma_data)
-  b, _, t = x0.shape[:3]
+  b = x0.shape[0]
   sigma = jnp.asarray(sigma_B, jnp.float32).reshape(b, 1, 1, 1, 1)
   mask = frame_mask_B_T.astype(jnp.float32)[:, None, :, None, None]
   x_sigma = x0 + sigma * eps
-  c_skip, c_out, c_in, c_noise = scale(sigma)
   gt = x0.astype(net_dtype).astype(jnp.float32)  # the reference keeps gt_frames in the model precision
-  net_in = jnp.where(mask > 0, gt / sigma_data, c_in * x_sigma).astype(net_dtype)
-  c_noise_cond = scale(jnp.full((1,), sigma_conditional, jnp.float32))[3]
-  c_noise_B_T = jnp.where(frame_mask_B_T > 0, c_noise_cond, jnp.broadcast_to(c_noise.reshape(b, 1), (b, t)))
-  net_out = net_fn(net_in, c_noise_B_T.astype(jnp.float32)).astype(jnp.float32)
-  x0_pred = c_skip * x_sigma + c_out * net_out
+  x0_pred = precondition(net_fn, x_sigma, gt, sigma, mask, sigma_data=sigma_data, scaling=scaling,
+                         sigma_conditional=sigma_conditional, net_dtype=net_dtype)
   if denoise_replace_gt_frames:
     x0_pred = jnp.where(mask > 0, gt, x0_pred)
   sq_err = jnp.square(x0 - x0_pred)

@@ -117,20 +117,16 @@ def edm_denoiser(net_fn: DenoiseFn, *, sigma_data: float = 0.5, scaling: str = "
   there) and computes: net input c_in x_in on noisy frames and x_in / σ_data (= gt / σ_data) on conditional
   ones; per-frame c_noise, c_noise(σ_conditional) on conditional frames; x0 = c_skip x_in + c_out F (its
   conditional frames are replaced by gt afterwards, so c_skip/c_out do not matter there). The same
-  preconditioning as the training loss (``edm.edm_loss``).
+  preconditioning as the training loss: both call ``edm.precondition``.
   """
-  scale = edm_lib.scaling_fn(scaling, sigma_data)
 
   def denoise(x_in: Array, sigma_b_1: Array, text: Any, mask: Array) -> Array:
     x_in = x_in.astype(jnp.float32)
     sigma = jnp.asarray(sigma_b_1, jnp.float32).reshape(x_in.shape[0], 1, 1, 1, 1)
-    c_skip, c_out, c_in, c_noise = scale(sigma)
-    cond = mask > 0  # [B', 1, T, 1, 1]
-    net_in = jnp.where(cond, x_in / sigma_data, c_in * x_in)
-    c_noise_cond = scale(jnp.full((1,), sigma_conditional, jnp.float32))[3]
-    c_noise_b_t = jnp.where(cond[:, 0, :, 0, 0], c_noise_cond, c_noise.reshape(-1, 1))
-    net_out = net_fn(net_in, c_noise_b_t, text, mask).astype(jnp.float32)
-    return c_skip * x_in + c_out * net_out
+    # x_in already holds gt on the conditional frames, so it is both x_sigma and gt.
+    return edm_lib.precondition(lambda net_in, c_noise: net_fn(net_in, c_noise, text, mask), x_in, x_in,
+                                sigma, mask, sigma_data=sigma_data, scaling=scaling,
+                                sigma_conditional=sigma_conditional)
 
   return denoise
 
