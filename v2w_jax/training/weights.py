@@ -16,12 +16,7 @@ import jax
 import numpy as np
 
 from v2w_jax.convert import params_io, torch_pt
-
-TORCH_SUFFIXES = (".pt", ".pth")
-
-
-def is_torch_checkpoint(path: str | pathlib.Path) -> bool:
-  return pathlib.Path(path).suffix in TORCH_SUFFIXES
+from v2w_jax.inference.weights import checkpoint_kind
 
 
 def place(np_params: Any, shardings: Any, dtypes: Any) -> Any:
@@ -44,7 +39,7 @@ def load_params(
   """Loads `path` into the shapes, dtypes and shardings of `abstract` (ShapeDtypeStructs).
 
   Args:
-    path: a ``.pt``/``.pth`` reference file or a params-only orbax folder.
+    path: a reference ``.pt``/``.pth`` file or a params-only orbax folder.
     abstract: target tree of ``jax.ShapeDtypeStruct`` with ``.sharding``.
     torch_to_params: maps a reference state dict to the port's numpy params tree (strict).
     what: "DiT" or "VAE", for error messages.
@@ -52,7 +47,7 @@ def load_params(
   path = pathlib.Path(path)
   if not path.exists():
     raise FileNotFoundError(f"{what} checkpoint {path} does not exist")
-  if is_torch_checkpoint(path):
+  if checkpoint_kind(path) == "torch":  # the one place that tells checkpoint formats apart
     try:
       np_params = torch_to_params(torch_pt.load(path))
     except ValueError as e:  # strict key/shape report: say which file it is about
