@@ -8,6 +8,13 @@ model TFLOP/s (the reference anchor's formula, ``training/flops.py``) and MFU.
 
     python -m benchmarks.train_step --shape=720p --json=out.json [--remat=save_attention]
         [--precision=fp32_master|reference_bf16] [--steps=3] [--tiny]
+        [--data=1 --fsdp=1 --context=1] [--profile=DIR]
+
+With several GPUs the mesh flags spread the step: the global batch is one clip per data-parallel
+replica (``data x fsdp``), and ``--context`` splits each clip's tokens (Ulysses). The result then also
+gives the time per clip and the per-GPU throughput, for scaling against one GPU. ``--profile`` records
+one extra step with the JAX profiler and writes a per-kernel-category summary
+(``benchmarks/profile_summary.py``).
 """
 
 from __future__ import annotations
@@ -20,9 +27,11 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import common
+from benchmarks import profile_summary as profile_lib
 from configs import nemo, tiny
 from v2w_jax.models import dit
 from v2w_jax.parallel import mesh as mesh_lib
+from v2w_jax.parallel import sharding as sharding_lib
 from v2w_jax.training import flops as flops_lib
 from v2w_jax.training import optim as optim_lib
 from v2w_jax.training import step as step_lib
@@ -31,8 +40,11 @@ from v2w_jax.training import trainer
 SHAPES = {"720p": (24, 88, 160), "480p": (8, 60, 104), "tiny": (3, 4, 6)}
 
 
-def run(shape: str, remat: str, precision: str, steps: int, warmup: int, use_tiny: bool, backend: str) -> dict:
+def run(shape: str, remat: str, precision: str, steps: int, warmup: int, use_tiny: bool, backend: str,
+        mesh_sizes: dict[str, int] | None = None, profile_dir: str | None = None) -> dict:
   config = tiny.get_config() if use_tiny else nemo.get_config()
+  for axis, size in (mesh_sizes or {}).items():
+    config.mesh[axis] = size
   config.model.remat_policy = remat
   config.model.attention_backend = backend
   config.optim.precision = precision
@@ -40,6 +52,8 @@ def run(shape: str, remat: str, precision: str, steps: int, warmup: int, use_tin
   t, h, w = SHAPES[shape]
   text_tokens = int(config.data.text_tokens)
   mesh = mesh_lib.make_mesh(config.mesh)
+  clips = mesh.shape["data"] * mesh.shape["fsdp"]
+  config.data.global_batch_size = clips
   dit_cfg = trainer.dit_config(config)
   tx = optim_lib.make_optimizer(config)
   _, state_sh, initial_state = trainer.build_state(config, mesh, types.SimpleNamespace(dit_cfg=dit_cfg), tx)
@@ -48,13 +62,13 @@ def run(shape: str, remat: str, precision: str, steps: int, warmup: int, use_tin
   train_step = step_lib.make_jitted_train_step(config, mesh, dit.apply_fn(dit_cfg), state_sh, tx=tx)
   k = jax.random.split(jax.random.key(0), 2)
   batch = {
-      "latents": jax.random.normal(k[0], (1, dit_cfg.in_channels, t, h, w), jnp.float32),
-      "text_embeddings": jax.random.normal(k[1], (1, text_tokens, dit_cfg.text_in_channels), jnp.bfloat16),
+      "latents": jax.random.normal(k[0], (clips, dit_cfg.in_channels, t, h, w), jnp.float32),
+      "text_embeddings": jax.random.normal(k[1], (clips, text_tokens, dit_cfg.text_in_channels), jnp.bfloat16),
   }
+  batch = jax.device_put(batch, sharding_lib.batch_shardings_for(batch, mesh))
   rng = jax.random.key(1)
   t0 = time.perf_counter()
-  with jax.set_mesh(mesh):
-    compiled = train_step.jitted.lower(state, batch, rng).compile()
+  compiled = train_step.lower(state, batch, rng).compile()
   compile_s = time.perf_counter() - t0
   hlo = compiled.as_text()
   holder = {"state": state}
@@ -64,16 +78,22 @@ def run(shape: str, remat: str, precision: str, steps: int, warmup: int, use_tin
     return metrics["loss"]
 
   timing = common.time_calls(one, warmup=warmup, steps=steps)
-  model_flops = flops_lib.dit_flops(config.model, (t, h, w), text_tokens).train_step
+  profile = profile_lib.profile_calls(one, profile_dir) if profile_dir else None
+  model_flops = clips * flops_lib.dit_flops(config.model, (t, h, w), text_tokens).train_step
   peak = flops_lib.peak_flops(jax.devices()[0])
   tflops = model_flops / timing["median_s"] / 1e12
+  gpus = mesh.size
   return {
       "shape": shape, "latent": [t, h, w], "tokens": (t * h * w) // 4, "text_tokens": text_tokens,
       "remat": remat, "precision": precision, "attention_backend": backend,
-      "compile_s": compile_s, **timing,
+      "mesh": dict(mesh.shape), "clips_per_step": clips,
+      "compile_s": compile_s, **timing, "seconds_per_clip": timing["median_s"] / clips,
       "state_gib": state_gib, "peak_gib": common.peak_memory_gib(),
+      "peak_gib_per_device": [common.peak_memory_gib(d) for d in mesh.devices.flat],
       "model_tflop": model_flops / 1e12, "model_tflops_per_s": tflops,
-      "mfu": tflops * 1e12 / peak if peak else None,
+      "model_tflops_per_s_per_device": tflops / gpus,
+      "mfu": tflops * 1e12 / (peak * gpus) if peak else None,
+      "profile": profile,
       "cudnn_fmha_calls": common.count_in_hlo(hlo, "__cudnn$fmha"),
       "loss": float(one()),
   }
@@ -88,12 +108,16 @@ def main():
   ap.add_argument("--steps", type=int, default=3)
   ap.add_argument("--warmup", type=int, default=1)
   ap.add_argument("--tiny", action="store_true", help="CPU smoke test with configs/tiny.py")
+  for axis in ("data", "fsdp", "context"):
+    ap.add_argument(f"--{axis}", type=int, default=1, help=f"mesh {axis} axis size")
+  ap.add_argument("--profile", default=None, help="also trace one step into this folder and summarise it")
   ap.add_argument("--json", default=None)
   args = ap.parse_args()
   remat = args.remat or ("none" if args.tiny else "save_attention")
   shape = "tiny" if args.tiny else args.shape
   result = {"device": common.device_info(),
-            "result": run(shape, remat, args.precision, args.steps, args.warmup, args.tiny, args.backend)}
+            "result": run(shape, remat, args.precision, args.steps, args.warmup, args.tiny, args.backend,
+                         dict(data=args.data, fsdp=args.fsdp, context=args.context), args.profile)}
   print(result, flush=True)
   common.write_json(args.json, result)
 

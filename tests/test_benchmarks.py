@@ -1,0 +1,63 @@
+"""CPU checks of the benchmark scripts' logic (their GPU numbers live in docs/performance.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks import profile_summary
+
+
+def _gpu_like_trace():
+  meta = [
+      {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}},
+      {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+      {"ph": "M", "pid": 2, "tid": 7, "name": "thread_name", "args": {"name": "Stream #13(Compute)"}},
+      {"ph": "M", "pid": 2, "tid": 8, "name": "thread_name", "args": {"name": "XLA Ops"}},
+  ]
+  kernels = [
+      ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7", 100.0),
+      ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_3", 300.0),
+      ("nvjet_tst_192x192_64x4_2x1_v_bz_coopB_TNT", 50.0),
+      ("loop_multiply_fusion_3", 20.0),
+      ("loop_multiply_fusion_3", 20.0),
+      ("ncclDevKernel_AllGather_RING_LL", 5.0),
+  ]
+  events = [{"ph": "X", "pid": 2, "tid": 7, "ts": 10.0 * i, "dur": 1e3 * ms, "name": name}
+            for i, (name, ms) in enumerate(kernels)]
+  # The same work seen again on a derived timeline and on the host must not be counted.
+  events += [{"ph": "X", "pid": 2, "tid": 8, "ts": 0.0, "dur": 1e6, "name": "fusion.1", "args": {"hlo_op": "x"}},
+             {"ph": "X", "pid": 1, "tid": 1, "ts": 0.0, "dur": 1e6, "name": "PjitFunction(step)"}]
+  return {"traceEvents": meta + events}
+
+
+def test_summary_counts_only_device_stream_kernels_by_category():
+  s = profile_summary.summarize(_gpu_like_trace())
+  assert s["sources"] == ["Stream #13(Compute)"]
+  assert s["kernels"] == 6
+  assert s["busy_ms"] == pytest.approx(495.0)
+  assert s["by_category_ms"] == pytest.approx({"attention_backward": 300.0, "attention_forward": 100.0,
+                                               "matmul": 50.0, "other_fusions": 40.0, "collective": 5.0})
+  top = s["top_kernels"]
+  assert top[0]["category"] == "attention_backward" and top[0]["ms"] == pytest.approx(300.0)
+  fusion = next(k for k in top if k["name"] == "loop_multiply_fusion_3")
+  assert fusion["calls"] == 2 and fusion["ms"] == pytest.approx(40.0)
+
+
+def test_train_step_benchmark_on_a_cpu_mesh_with_profile(tmp_path, repo_root):
+  """The benchmark's mesh flags and profiler path run end to end (2 clips over fsdp 2, context 2)."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+  out = tmp_path / "r.json"
+  subprocess.run([sys.executable, "-m", "benchmarks.train_step", "--tiny", "--fsdp=2", "--context=2", "--steps=1",
+                  f"--profile={tmp_path / 'prof'}", f"--json={out}"], cwd=repo_root, env=env, check=True,
+                 capture_output=True, timeout=600)
+  r = json.loads(out.read_text())["result"]
+  assert r["mesh"] == {"data": 1, "fsdp": 2, "context": 2}
+  assert r["clips_per_step"] == 2
+  assert r["seconds_per_clip"] == pytest.approx(r["median_s"] / 2)
+  assert r["loss"] == r["loss"] and r["loss"] > 0  # finite, positive
+  assert r["profile"]["kernels"] > 0 and r["profile"]["by_category_ms"]
