@@ -61,3 +61,26 @@ def test_train_step_benchmark_on_a_cpu_mesh_with_profile(tmp_path, repo_root):
   assert r["seconds_per_clip"] == pytest.approx(r["median_s"] / 2)
   assert r["loss"] == r["loss"] and r["loss"] > 0  # finite, positive
   assert r["profile"]["kernels"] > 0 and r["profile"]["by_category_ms"]
+
+
+def _reshard(repo_root, mode, folder, devices, *mesh_flags):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "benchmarks.checkpoint_reshard", mode, f"--dir={folder}", "--tiny",
+                         *mesh_flags], cwd=repo_root, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_checkpoint_saved_on_4_devices_restores_on_2_and_a_changed_state_is_caught(tmp_path, repo_root):
+  folder = tmp_path / "ck"
+  saved = _reshard(repo_root, "save", folder, 4, "--fsdp=4")
+  assert saved.returncode == 0, saved.stderr[-2000:]
+  restored = _reshard(repo_root, "restore", folder, 2, "--fsdp=1", "--context=2")
+  assert restored.returncode == 0, restored.stderr[-2000:]
+  r = json.loads(restored.stdout.strip().splitlines()[-1])["result"]
+  assert r["saved_on"]["fsdp"] == 4 and r["devices"] == 2 and r["equal"]
+  # A fingerprint that no longer matches the checkpoint must fail the check, naming the leaf.
+  prints = json.loads((folder / "fingerprint.json").read_text())
+  prints[3]["values"][0] += 1.0
+  (folder / "fingerprint.json").write_text(json.dumps(prints))
+  bad = _reshard(repo_root, "restore", folder, 2, "--fsdp=2")
+  assert bad.returncode != 0
+  assert prints[3]["leaf"] in json.loads(bad.stdout.strip().splitlines()[-1])["result"]["mismatched_leaves"]
