@@ -65,15 +65,20 @@ def _perturb(state, state_sh):
 
 
 def _fingerprint(state) -> list[dict]:
-  out = []
-  for path, x in jax.tree.flatten_with_path(state)[0]:
+  """Per leaf: the values at a few fixed flat positions and the float64 sum (one jitted program)."""
+  paths, leaves = zip(*jax.tree.flatten_with_path(state)[0])
+  positions = []
+  for x in leaves:
     n = int(np.prod(x.shape))
-    idx = sorted({0, n - 1, *np.random.default_rng(n).integers(0, max(n, 1), SAMPLES - 2).tolist()})
-    flat = jnp.ravel(x)
-    picked = np.asarray(jax.device_get(flat[np.asarray(idx)])).astype(np.float64)
-    total = float(jax.device_get(jnp.sum(x.astype(jnp.float32))))
-    out.append({"leaf": jax.tree_util.keystr(path), "idx": idx, "values": picked.tolist(), "sum": total})
-  return out
+    positions.append(sorted({0, n - 1, *np.random.default_rng(n).integers(0, max(n, 1), SAMPLES - 2).tolist()}))
+
+  @jax.jit
+  def probe(ls):
+    return [(jnp.ravel(x)[np.asarray(i)], jnp.sum(x.astype(jnp.float32))) for x, i in zip(ls, positions)]
+
+  probed = jax.device_get(probe(list(leaves)))
+  return [{"leaf": jax.tree_util.keystr(path), "idx": idx, "values": np.asarray(v, np.float64).tolist(),
+           "sum": float(total)} for path, idx, (v, total) in zip(paths, positions, probed)]
 
 
 def _disk_bytes(folder: pathlib.Path) -> int:
