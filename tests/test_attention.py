@@ -93,3 +93,39 @@ def test_apply_rope_is_rotate_half():
   x1, x2 = xn[..., :4], xn[..., 4:]
   np.testing.assert_allclose(out[..., :4], x1 * np.cos(a) - x2 * np.sin(a), atol=1e-6)
   np.testing.assert_allclose(out[..., 4:], x2 * np.cos(a) + x1 * np.sin(a), atol=1e-6)
+
+
+_SAME_SHARDING_WORKER = r"""
+import json
+import jax, jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+from v2w_jax.models import attention
+from v2w_jax.parallel import mesh as mesh_lib, rules as R
+mesh = mesh_lib.make_mesh(dict(data=1, fsdp=2, context=1))
+out = {}
+for b in (2, 1):
+  # q sharded on head_dim, k/v on heads: what FSDP propagation can hand the kernel.
+  q = jax.device_put(jnp.ones((b, 8, 4, 16)), NamedSharding(mesh, P(None, None, None, "fsdp")))
+  kv = jax.device_put(jnp.ones((b, 6, 4, 16)), NamedSharding(mesh, P(None, None, "fsdp", None)))
+  f = jax.jit(lambda q, k, v: attention.same_sharding(q, k, v, R.DEFAULT_RULES))
+  with jax.set_mesh(mesh):
+    shardings = f.lower(q, kv, kv).compile().output_shardings
+  out[b] = [list(s.spec) for s in shardings]
+print(json.dumps(out))
+"""
+
+
+def test_cudnn_inputs_get_one_sharding_under_fsdp(repo_root):
+  """cuDNN's partitioner rejects q/k/v with different shardings (the FSDP compile failed on 2 GPUs):
+  the attention pins all three to batch-over-data-axes, sequence and head_dim whole."""
+  import json
+  import os
+  import subprocess
+  import sys
+
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  res = subprocess.run([sys.executable, "-c", _SAME_SHARDING_WORKER], cwd=repo_root, env=env,
+                       capture_output=True, text=True, timeout=300, check=True)
+  out = json.loads(res.stdout.strip().splitlines()[-1])
+  assert out["2"] == [["fsdp"]] * 3  # batch split over the data axes
+  assert out["1"] == [[]] * 3  # a batch the axes do not divide stays whole

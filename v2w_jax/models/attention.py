@@ -18,9 +18,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import flax.linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
 from v2w_jax.parallel import context_attention
+from v2w_jax.parallel import rules as R
 
 ATTENTION_OUT_NAME = "attention_out"
 BACKENDS = ("auto", "cudnn", "xla")
@@ -57,10 +59,24 @@ def dot_product_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *, bac
   kernel = functools.partial(local_attention, backend=resolve_backend(backend))
   plan = None if logical_axis_rules is None else context_attention.context_parallel_plan(logical_axis_rules)
   if plan is None:
+    if logical_axis_rules is not None:
+      q, k, v = same_sharding(q, k, v, logical_axis_rules)
     return kernel(q, k, v)
   if self_attention:
     return context_attention.ulysses_attention(q, k, v, kernel, plan)
   return context_attention.query_sharded_attention(q, k, v, kernel, plan)
+
+
+def same_sharding(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
+                  logical_axis_rules: Sequence[tuple[str, Any]]) -> tuple[jnp.ndarray, ...]:
+  """q, k and v laid out alike: batch over the data axes, heads per the rules, the rest whole.
+
+  cuDNN's partitioner requires one sharding for q, k and v; left to propagation, FSDP gives them
+  different ones (k/v of cross-attention come from the text, q from the video tokens) and the
+  compile fails with "Query, key and value should have same sharding".
+  """
+  names = (R.ACT_BATCH, None, R.ACT_HEADS, None)
+  return tuple(nn.with_logical_constraint(a, names, rules=logical_axis_rules) for a in (q, k, v))
 
 
 def local_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *, backend: str) -> jnp.ndarray:
