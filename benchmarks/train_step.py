@@ -78,6 +78,9 @@ def run(shape: str, remat: str, precision: str, steps: int, warmup: int, use_tin
     return metrics["loss"]
 
   timing = common.time_calls(one, warmup=warmup, steps=steps)
+  # The loss after warm-up + timed steps: equal across meshes for the same flags (a check of the
+  # parallel layouts on the GPU); the profiled step comes after it.
+  loss = float(one())
   profile = profile_lib.profile_calls(one, profile_dir) if profile_dir else None
   model_flops = clips * flops_lib.dit_flops(config.model, (t, h, w), text_tokens).train_step
   peak = flops_lib.peak_flops(jax.devices()[0])
@@ -95,7 +98,7 @@ def run(shape: str, remat: str, precision: str, steps: int, warmup: int, use_tin
       "mfu": tflops * 1e12 / (peak * gpus) if peak else None,
       "profile": profile,
       "cudnn_fmha_calls": common.count_in_hlo(hlo, "__cudnn$fmha"),
-      "loss": float(one()),
+      "loss": loss,
   }
 
 

@@ -48,7 +48,7 @@ def model_2b() -> ConfigDict:
           param_dtype="float32",  # master weights; "bfloat16" with optim.precision=reference_bf16
           dtype="bfloat16",  # compute dtype outside the fp32 islands (dit_spec §8)
           attention_backend="auto",  # auto | cudnn | xla  (auto: cudnn on GPU, xla elsewhere)
-          remat_policy="save_attention",  # none | save_attention | full
+          remat_policy="save_attention",  # none | save_attention | save_dots (short clips) | full
           scan_blocks=True,  # lax.scan over blocks: compile time independent of depth
       )
   )

@@ -74,13 +74,18 @@ def test_scan_residuals_keep_stacked_attention_outputs():
   tokens = SHAPE["frames"] * SHAPE["height"] * SHAPE["width"] // cfg.patch_spatial**2
   attn_shape = (cfg.num_blocks, 1, tokens, cfg.num_heads, cfg.head_dim)
   counts = {}
-  for policy in ("none", "full", "save_attention"):
+  dots = {}
+  for policy in ("none", "full", "save_attention", "save_dots"):
     res = _residuals(cfg.replace(remat_policy=policy))
     counts[policy] = (len(res), sum(tuple(a.shape) == attn_shape for a, _ in res))
+    dots[policy] = sum("from the argument" not in d and a.shape[:1] == (cfg.num_blocks,) for a, d in res)
   assert counts["full"][1] == 0
   assert counts["save_attention"][1] == 2  # self- and cross-attention output, stacked over blocks
   assert counts["save_attention"][0] == counts["full"][0] + 2
   assert counts["none"][0] > counts["save_attention"][0]
+  # save_dots adds the blocks' matmul outputs (q/k/v/out of both attentions, MLP, AdaLN) to save_attention.
+  assert counts["save_dots"][1] == 2
+  assert dots["save_dots"] >= dots["save_attention"] + 9
 
 
 _FWD = re.compile(r'custom_call_target="__cudnn\$fmhaSoftmax"')

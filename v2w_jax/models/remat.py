@@ -7,6 +7,10 @@
   forward primitive. Saving only the named output is not enough with cuDNN: its backward also needs
   the softmax statistics (the primitive's second output), and without them the forward kernel runs
   again. Mirrors the reference SAC mode ``predict2_2b_720_aggressive`` (saves the flash-attn ops).
+* ``save_dots``: ``save_attention`` plus the output of every matrix multiply; only elementwise work
+  (norms, RoPE, modulation, GELU) is recomputed. About 11 extra ``tokens x D`` bf16 tensors per
+  block: for short clips (480p: ~16 GiB) this is cheaper than recomputing the projections and far
+  smaller than ``none``, which keeps every fp32 intermediate; at 720p it does not fit with fp32 state.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import jax
 
 from v2w_jax.models.attention import ATTENTION_OUT_NAME
 
-POLICIES = ("none", "save_attention", "full")
+POLICIES = ("none", "save_attention", "save_dots", "full")
 
 # Forward primitives of jax's cuDNN attention (jax._src.cudnn.fused_attention_stablehlo): the custom
 # VJP forward binds the *_wrapper primitive, which lowers to the plain one.
@@ -37,11 +41,15 @@ def checkpoint_policy(name: str) -> Callable[..., bool] | None:
   """The ``jax.checkpoint`` policy for a remat mode ('none' has no policy: do not remat)."""
   if name == "full":
     return jax.checkpoint_policies.nothing_saveable
-  if name == "save_attention":
-    return jax.checkpoint_policies.save_from_both_policies(
+  if name in ("save_attention", "save_dots"):
+    attention = jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.save_only_these_names(ATTENTION_OUT_NAME),
         save_cudnn_attention_outputs,
     )
+    if name == "save_attention":
+      return attention
+    return jax.checkpoint_policies.save_from_both_policies(
+        attention, jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
   if name == "none":
     return None
   raise ValueError(f"unknown remat policy {name!r}; expected one of {POLICIES}")
