@@ -188,7 +188,7 @@ def get_config() -> ConfigDict:
 
   c.checkpoint = ConfigDict(
       dict(
-          load_path="",  # converted orbax DiT folder or a reference *.pt ("" = random init)
+          load_path="",  # reference *.pt, converted DiT folder or another job's checkpoint (its EMA); "" = random
           keep=3,
           async_save=True,
       )

@@ -1,5 +1,6 @@
-"""`checkpoint.load_path`: the trainer's initial state takes the weights of a reference `.pt` or of a
-converted params folder (model weights only: fresh optimizer, step 0, EMA = the loaded weights)."""
+"""`checkpoint.load_path`: the trainer's initial state takes the weights of a reference `.pt`, of a
+converted params folder or of another job's training checkpoint (its EMA weights) — model weights only:
+fresh optimizer, step 0, EMA = the loaded weights."""
 
 import jax
 import numpy as np
@@ -57,3 +58,22 @@ def test_load_path_of_another_model_size_fails_clearly(setup, tmp_path):
   config.model.model_channels = 128  # the file holds a 64-channel model
   with pytest.raises(ValueError, match=r"DiT checkpoint .*model\.pt does not fit(.|\n)*expected \[128"):
     _initial_state(config, trainer.dit_config(config))
+
+
+def test_load_path_of_a_training_checkpoint_takes_its_ema_weights(setup, tmp_path):
+  import optax  # pylint: disable=import-outside-toplevel
+
+  from v2w_jax.training.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
+  from v2w_jax.training.state import init_train_state  # pylint: disable=import-outside-toplevel
+
+  config, cfg, params = setup
+  ema = jax.tree.map(lambda x: x * 0.5 + 0.25, params)
+  ck = Checkpointer(tmp_path / "old_job" / "checkpoints", keep=1, async_save=False)
+  ck.save(30, init_train_state(params, optax.sgd(1.0)).replace(ema_params=ema), None, {"step": 30})
+  ck.close()
+  config = config.copy_and_resolve_references()
+  config.checkpoint.load_path = str(tmp_path / "old_job")
+  state = _initial_state(config, cfg)
+  assert int(state.step) == 0
+  for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(ema)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

@@ -21,6 +21,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from v2w_jax.convert import dit as convert_dit
+from v2w_jax.convert import load as load_lib
 from v2w_jax.convert import params_io
 from v2w_jax.convert import vae as convert_vae
 from v2w_jax.data import dataset as dataset_lib
@@ -37,7 +38,6 @@ from v2w_jax.training import optim as optim_lib
 from v2w_jax.training import samples as samples_lib
 from v2w_jax.training import state as state_lib
 from v2w_jax.training import step as step_lib
-from v2w_jax.training import weights as weights_lib
 from v2w_jax.training.preemption import PreemptionGuard
 
 _log = logging.getLogger(__name__)
@@ -75,9 +75,9 @@ def build_model(config, mesh, random_vae_dir: pathlib.Path) -> Model:
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),
                           vae_lib.abstract_params(vae_cfg))
   if config.vae.checkpoint_path:
-    vae_params = weights_lib.load_params(
+    vae_params = load_lib.load_weights(
         config.vae.checkpoint_path, abstract,
-        lambda sd: convert_vae.torch_to_params(sd, vae_cfg), what="VAE")
+        lambda sd: convert_vae.torch_to_params(sd, vae_cfg), what="VAE", training_checkpoints=False)
   else:
     _log.warning("config.vae.checkpoint_path is empty: the VAE has RANDOM weights (toy runs only); "
                  "they are saved to %s for generation", random_vae_dir)
@@ -107,7 +107,7 @@ def build_state(config, mesh, model: Model, tx):
     load_path = config.checkpoint.load_path
     if not load_path:
       return sharding_lib.create_sharded(init_fn, state_sh, key)
-    params = weights_lib.load_params(
+    params = load_lib.load_weights(
         load_path, abstract_state.params,
         lambda sd: convert_dit.torch_to_params(sd, model.dit_cfg), what="DiT")
     from_params = state_lib.state_init_fn(lambda p: p, tx, config)
