@@ -53,7 +53,6 @@ def run(shape: str, remat: str, precision: str, steps: int, warmup: int, use_tin
   text_tokens = int(config.data.text_tokens)
   mesh = mesh_lib.make_mesh(config.mesh)
   clips = mesh.shape["data"] * mesh.shape["fsdp"]
-  config.data.global_batch_size = clips
   dit_cfg = trainer.dit_config(config)
   tx = optim_lib.make_optimizer(config)
   _, state_sh, initial_state = trainer.build_state(config, mesh, types.SimpleNamespace(dit_cfg=dit_cfg), tx)
