@@ -9,14 +9,21 @@ Examples::
     # release checkpoint -> orbax (param dtype of the config: float32 master weights)
     python tools/convert_torch_ckpt.py --input checkpoints/d20b7120-..._ema_bf16.pt \\
         --output checkpoints/dit_2b_orbax
-    # orbax -> reference layout (bf16, loadable by the PyTorch reference)
+    # a training run -> reference layout (its latest step's EMA weights, bf16), loadable by the PyTorch
+    # reference; a step folder (checkpoints/<step>) picks that step, --weights=regular the non-EMA ones
+    python tools/convert_torch_ckpt.py --direction to_torch \\
+        --input outputs/cosmos_predict_v2p5/video2world/2b_cosmos_nemo_assets/checkpoints \\
+        --output model_ema_bf16.pt --dtype bfloat16
+    # a converted params folder -> reference layout
     python tools/convert_torch_ckpt.py --direction to_torch --input checkpoints/dit_2b_orbax \\
         --output /tmp/model_ema_bf16.pt --dtype bfloat16
     # the Wan VAE
     python tools/convert_torch_ckpt.py --kind vae --input checkpoints/Wan2.1_VAE.pth --output checkpoints/wan_vae
 
-``--config`` is a config file (``configs/*.py``, whose ``model`` / ``vae`` sections are used) or a golden
-fixture's ``config.json`` (reference kwargs under ``net``).
+The model's size comes from the checkpoint itself: a ``.pt``'s tensor shapes, the config a params
+folder was written with, or a training checkpoint's saved run config. ``--config`` overrides it: a
+config file (``configs/*.py``, whose ``model`` / ``vae`` sections are used) or a golden fixture's
+``config.json`` (reference kwargs under ``net``). Mistakes end in one ``error:`` line (exit status 2).
 """
 
 from __future__ import annotations
@@ -37,22 +44,34 @@ if str(REPO_ROOT) not in sys.path:
 
 from tqdm import tqdm  # noqa: E402
 
-from v2w_jax.convert import params_io, torch_pt  # noqa: E402
+from v2w_jax.convert import infer, params_io, torch_pt  # noqa: E402
+from v2w_jax.convert import load as load_lib  # noqa: E402
+from v2w_jax.user_errors import UserError, main_guard  # noqa: E402
 
-DEFAULT_CONFIG = REPO_ROOT / "configs" / "nemo.py"
 KINDS = ("dit", "vae")
 DIRECTIONS = ("to_orbax", "to_torch")
+WEIGHTS = ("ema", "regular")
+_MAX_PROBLEM_LINES = 12
+
+
+class ConvertError(UserError):
+  """The conversion cannot be done as asked; the message names the file or flag."""
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--input", required=True, help=".pt/.pth file (to_orbax) or orbax directory (to_torch)")
+  p.add_argument("--input", required=True,
+                 help=".pt/.pth file (to_orbax), or a params folder or training checkpoint (to_torch): the job "
+                 "folder, <job>/checkpoints (latest step) or <job>/checkpoints/<step>")
   p.add_argument("--output", required=True, help="orbax directory (to_orbax) or .pt file (to_torch)")
   p.add_argument("--kind", choices=KINDS, default=None, help="dit | vae (default: detected from the keys)")
   p.add_argument("--direction", choices=DIRECTIONS, default=None,
                  help="default: to_orbax for a file input, to_torch for a directory")
-  p.add_argument("--config", default=str(DEFAULT_CONFIG),
-                 help="configs/*.py (uses .model / .vae) or a fixture config.json (reference kwargs)")
+  p.add_argument("--config", default=None,
+                 help="configs/*.py (uses .model / .vae) or a fixture config.json (reference kwargs); default: "
+                 "the model described by the checkpoint itself")
+  p.add_argument("--weights", choices=WEIGHTS, default="ema",
+                 help="to_torch from a training checkpoint: the EMA weights (default) or the regular ones")
   p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                  help="to_torch: output float dtype (default bfloat16); to_orbax: stored dtype "
                  "(default: the config's param_dtype)")
@@ -64,14 +83,17 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 def _load_config_file(path: pathlib.Path) -> Any:
   """``get_config()`` of a config .py, or the parsed JSON of a fixture config."""
   if not path.is_file():
-    raise FileNotFoundError(f"--config {path}: no such file")
+    raise ConvertError(f"--config {path}: no such file")
   if path.suffix == ".json":
-    return json.loads(path.read_text())
+    try:
+      return json.loads(path.read_text())
+    except ValueError as e:
+      raise ConvertError(f"--config {path}: not valid JSON ({e})") from e
   spec = importlib.util.spec_from_file_location(f"_v2w_config_{path.stem}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):
-    raise ValueError(f"--config {path}: no get_config() function")
+    raise ConvertError(f"--config {path}: no get_config() function")
   return module.get_config()
 
 
@@ -83,7 +105,7 @@ def build_config(kind: str, config_path: str | pathlib.Path) -> Any:
     from v2w_jax.models.dit_config import DiTConfig
     if path.suffix == ".json":
       if "net" not in loaded:
-        raise ValueError(f"--config {path}: no 'net' section (reference DiT kwargs)")
+        raise ConvertError(f"--config {path}: no 'net' section (reference DiT kwargs)")
       return DiTConfig.from_reference_kwargs(loaded["net"])
     return DiTConfig.from_config(loaded.model)
   from v2w_jax.models.vae import VAEConfig
@@ -93,9 +115,8 @@ def build_config(kind: str, config_path: str | pathlib.Path) -> Any:
 
 
 def detect_kind(keys: list[str], prefix: str = "net.") -> str:
-  if any(k.startswith(prefix + "blocks.") or k.startswith(prefix + "x_embedder.") for k in keys):
-    return "dit"
-  return "vae"
+  """'dit' or 'vae' from torch key names (anything that is not a DiT is taken for a VAE)."""
+  return infer.detect_kind(keys, prefix) or "vae"
 
 
 def _converter(kind: str):
@@ -110,18 +131,65 @@ def _config_metadata(cfg: Any) -> dict:
   return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
 
 
+def _config_from_fields(kind: str, fields: dict) -> Any:
+  """A DiTConfig / VAEConfig from the field dict stored with a params folder or a training run."""
+  if kind == "dit":
+    from v2w_jax.models.dit_config import DiTConfig
+    return DiTConfig.from_config(fields)
+  from v2w_jax.models.vae import VAEConfig
+  return VAEConfig.from_config(fields)
+
+
+def _shorten(message: str) -> str:
+  """The first lines of a long key listing (the converters list every bad key)."""
+  lines = message.splitlines()
+  if len(lines) <= _MAX_PROBLEM_LINES + 1:
+    return message
+  return "\n".join(lines[:_MAX_PROBLEM_LINES + 1] + [f"  ... and {len(lines) - _MAX_PROBLEM_LINES - 1} more"])
+
+
+def _mismatch(path: Any, kind: str, cfg: Any, config_arg: str | None, err: Exception) -> ConvertError:
+  if config_arg:
+    hint = f"is --config {config_arg} the config this checkpoint was trained with?"
+  else:
+    hint = (f"the model size was read from the checkpoint ({infer.describe(cfg)}) and the rest is the released "
+            f"model's; pass --config=configs/<your config>.py (its '{'model' if kind == 'dit' else 'vae'}' section)")
+  return ConvertError(f"{path}: the {infer.KIND_NAMES[kind]} weights do not fit the model: {hint}\n"
+                      + _shorten(str(err)))
+
+
+def _check_kind(path: Any, asked: str | None, found: str | None) -> str:
+  if asked and found and asked != found:
+    raise ConvertError(f"{path}: this looks like a {infer.KIND_NAMES[found]} checkpoint: use --kind {found}")
+  kind = asked or found
+  if kind is None:
+    raise ConvertError(f"{path}: neither DiT nor Wan VAE keys (is it a model checkpoint?); pass --kind dit or "
+                       "--kind vae if it is one")
+  return kind
+
+
 def to_orbax(args: argparse.Namespace) -> None:
   state = torch_pt.load(args.input)
-  kind = args.kind or detect_kind(list(state), args.prefix)
-  cfg = build_config(kind, args.config)
+  kind = _check_kind(args.input, args.kind, infer.detect_kind(state, args.prefix))
+  if args.config:
+    cfg = build_config(kind, args.config)
+  elif kind == "dit":
+    cfg = infer.dit_config_from_shapes(state, prefix=args.prefix)
+  else:
+    cfg = infer.vae_config_from_shapes(state)
   converter = _converter(kind)
   with tqdm(total=len(state), desc=f"{kind}: reading {pathlib.Path(args.input).name}", unit="tensor") as bar:
-    if kind == "dit":
-      params = converter.torch_to_params(state, cfg, prefix=args.prefix, dtype=args.dtype,
-                                         on_tensor=lambda _: bar.update())
-    else:
-      params = converter.torch_to_params(state, cfg, dtype=args.dtype or np.float32)
+    try:
+      if kind == "dit":
+        params = converter.torch_to_params(state, cfg, prefix=args.prefix, dtype=args.dtype,
+                                           on_tensor=lambda _: bar.update())
+      else:
+        params = converter.torch_to_params(state, cfg, dtype=args.dtype or np.float32)
+    except ValueError as e:
+      raise _mismatch(args.input, kind, cfg, args.config, e) from e
     bar.update(bar.total - bar.n)
+  if pathlib.Path(args.output).exists() and not args.overwrite:
+    raise ConvertError(f"--output {args.output}: exists (pass --overwrite to replace it)")
   print(f"writing {args.output} ...", flush=True)
   params_io.save_params(args.output, params, overwrite=args.overwrite,
                         metadata={"kind": kind, "source": str(args.input), "dtype": args.dtype or "config",
@@ -144,31 +212,78 @@ class _Ticking:
     return arr if dtype is None else arr.astype(dtype)
 
 
-def to_torch(args: argparse.Namespace) -> None:
+def _train_checkpoint_params(args: argparse.Namespace, state_dir: pathlib.Path) -> tuple[Any, Any]:
+  """(DiT params, config) of a training checkpoint: the EMA or regular weights of one step."""
+  from v2w_jax.models import dit  # pylint: disable=import-outside-toplevel
+
+  if args.kind == "vae":
+    raise ConvertError(f"{args.input}: a training checkpoint holds DiT weights only (the VAE is not trained); "
+                       "drop --kind vae")
+  if args.config:
+    cfg = build_config("dit", args.config)
+  else:
+    run_config = load_lib.train_checkpoint_meta(state_dir).get("config") or {}
+    if "model" not in run_config:
+      raise ConvertError(f"{state_dir.parent}: no run config saved with this checkpoint; pass --config=configs/"
+                         "<the config it was trained with>.py")
+    cfg = _config_from_fields("dit", run_config["model"])
+  use_ema = args.weights == "ema"
+  params = load_lib.load_train_state_params(state_dir, dit.abstract_params(cfg), use_ema=use_ema)
+  print(f"exporting the {'EMA' if use_ema else 'regular'} weights of step {state_dir.parent.name} "
+        f"({state_dir.parent})", flush=True)
+  return params, cfg
+
+
+def _params_folder(args: argparse.Namespace) -> tuple[str, Any, Any]:
+  """(kind, params, config) of a params folder written by to_orbax."""
   meta = params_io.load_metadata(args.input)
   params = params_io.load_params(args.input)
-  kind = args.kind or meta.get("kind") or ("dit" if "x_embedder" in params else "vae")
-  cfg = build_config(kind, args.config)
+  found = meta.get("kind") or ("dit" if "x_embedder" in params else "vae" if "encoder" in params else None)
+  kind = _check_kind(args.input, args.kind, found)
+  if args.config:
+    return kind, params, build_config(kind, args.config)
+  if isinstance(meta.get("config"), dict):
+    return kind, params, _config_from_fields(kind, meta["config"])
+  cfg = infer.dit_config_from_params(params) if kind == "dit" else infer.vae_config_from_params(params)
+  return kind, params, cfg
+
+
+def to_torch(args: argparse.Namespace) -> None:
+  form = load_lib.checkpoint_kind(args.input)
+  if form == "torch":
+    raise ConvertError(f"--input {args.input}: already a PyTorch checkpoint; to_torch reads a params folder or a "
+                       "training checkpoint (<job>/checkpoints/<step>)")
+  if form == "train":
+    params, cfg = _train_checkpoint_params(args, load_lib.resolve_train_state_dir(args.input))
+    kind = "dit"
+  else:
+    kind, params, cfg = _params_folder(args)
   converter = _converter(kind)
   import ml_dtypes
   names = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float32)}
-  if kind == "dit":
-    out_dtype = names[args.dtype or "bfloat16"]
-    mapping = converter.params_to_torch(params, cfg, dtype=out_dtype, prefix=args.prefix, lazy=True)
-  else:
-    out_dtype = names[args.dtype] if args.dtype else None
-    mapping = converter.params_to_torch(params, cfg)
+  try:
+    if kind == "dit":
+      out_dtype = names[args.dtype or "bfloat16"]
+      mapping = converter.params_to_torch(params, cfg, dtype=out_dtype, prefix=args.prefix, lazy=True)
+    else:
+      out_dtype = names[args.dtype] if args.dtype else None
+      mapping = converter.params_to_torch(params, cfg)
+  except ValueError as e:
+    raise _mismatch(args.input, kind, cfg, args.config, e) from e
   out = pathlib.Path(args.output)
   if out.exists() and not args.overwrite:
-    raise FileExistsError(f"{out}: exists (pass --overwrite to replace it)")
+    raise ConvertError(f"--output {out}: exists (pass --overwrite to replace it)")
   with tqdm(total=len(mapping), desc=f"{kind}: writing {out.name}", unit="tensor") as bar:
     torch_pt.save(out, {k: _Ticking(v, bar, out_dtype) for k, v in mapping.items()})
 
 
 def main(argv: list[str] | None = None) -> None:
   args = _parse_args(argv)
-  direction = args.direction or ("to_torch" if pathlib.Path(args.input).is_dir() else "to_orbax")
-  (to_orbax if direction == "to_orbax" else to_torch)(args)
+  with main_guard():
+    if not pathlib.Path(args.input).exists():
+      raise ConvertError(f"--input {args.input}: no such file or folder")
+    direction = args.direction or ("to_torch" if pathlib.Path(args.input).is_dir() else "to_orbax")
+    (to_orbax if direction == "to_orbax" else to_torch)(args)
   print(f"done: {args.output}")
 
 

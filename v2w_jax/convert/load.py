@@ -27,21 +27,20 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from v2w_jax.convert import infer
 from v2w_jax.convert import params_io
 from v2w_jax.convert import torch_pt
+from v2w_jax.user_errors import UserError
 
 _log = logging.getLogger(__name__)
 
 
-class WeightsError(ValueError):
-  """A checkpoint cannot be used for this model; the message names the path and the problem."""
-
-
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 STATE_ITEM = "state"
+META_ITEM = "meta"
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError, ValueError):
   """A checkpoint cannot be used for this model; the message names the path and the problem."""
 
 
@@ -91,6 +90,18 @@ def checkpoint_kind(path: str | os.PathLike) -> str:
     return "train"
   raise WeightsError(f"{p}: not a checkpoint: expected a .pt/.pth file, a params folder (with 'params/', "
                      "from tools/convert_torch_ckpt.py) or a training checkpoint (<job>/checkpoints/<step>/state)")
+
+
+def train_checkpoint_meta(state_dir: str | os.PathLike) -> dict:
+  """The ``meta`` item saved beside a training state (step, seed, the run's config); {} if absent."""
+  meta_dir = pathlib.Path(state_dir).absolute().parent / META_ITEM
+  if not meta_dir.is_dir():
+    return {}
+  try:
+    meta = ocp.JsonCheckpointHandler().restore(epath.Path(meta_dir))
+  except Exception as e:  # pylint: disable=broad-except
+    raise WeightsError(f"{meta_dir}: unreadable checkpoint metadata ({type(e).__name__}: {e})") from e
+  return dict(meta or {})
 
 
 def _flat(tree: Any) -> dict[str, Any]:
@@ -189,8 +200,13 @@ def load_weights(path: str | os.PathLike, abstract: Any,
   kind = checkpoint_kind(p)
   _log.info("loading %s weights (%s) from %s", what, kind, p)
   if kind == "torch":
+    state_dict = torch_pt.load(p)
+    found = infer.detect_kind(state_dict)
+    if found is not None and infer.KIND_NAMES[found] != what:
+      raise WeightsError(f"{p}: this looks like a {infer.KIND_NAMES[found]} checkpoint, not a {what} one: "
+                         f"give it as the {infer.KIND_NAMES[found]}'s weights")
     try:
-      np_params = torch_to_params(torch_pt.load(p))
+      np_params = torch_to_params(state_dict)
     except (torch_pt.TorchCheckpointError, ValueError) as e:
       raise WeightsError(f"{what} checkpoint {p} does not fit the configured model: {e}") from e
     _check_tree(f"{what} checkpoint {p}", np_params, abstract)

@@ -21,13 +21,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from v2w_jax.user_errors import UserError
+
 __all__ = ["ParamsMismatchError", "abstract_from_checkpoint", "load_metadata", "load_params", "save_params"]
 
 PARAMS_ITEM = "params"
 METADATA_ITEM = "metadata"
 
 
-class ParamsMismatchError(ValueError):
+class ParamsMismatchError(UserError, ValueError):
   """The checkpoint's tree does not match the requested abstract tree."""
 
 

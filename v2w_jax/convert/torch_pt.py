@@ -26,7 +26,6 @@ import pickle
 import secrets
 import struct
 import sys
-import tempfile
 import threading
 import zipfile
 from collections.abc import Iterator, Mapping
@@ -34,6 +33,9 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
+
+from v2w_jax.atomic_file import atomic_write
+from v2w_jax.user_errors import UserError
 
 __all__ = [
     "LazyTensor",
@@ -94,7 +96,7 @@ _WRAPPER_KEYS = ("model", "state_dict", "ema")
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 
 
-class TorchCheckpointError(ValueError):
+class TorchCheckpointError(UserError, ValueError):
   """A checkpoint file is malformed or uses a feature this reader does not support."""
 
 
@@ -116,7 +118,7 @@ class _ZipSource:
       self.zip = zipfile.ZipFile(self._file)
     except zipfile.BadZipFile as e:
       self._file.close()
-      raise TorchCheckpointError(f"{path}: not a valid zip archive ({e})") from e
+      raise TorchCheckpointError(f"{path}: truncated or corrupt zip archive ({e}); copy or download it again") from e
     try:
       self._mmap: mmap.mmap | None = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
     except (OSError, ValueError):  # e.g. a filesystem without mmap support: read entries instead.
@@ -445,6 +447,24 @@ def _check_not_legacy(path: pathlib.Path) -> None:
   raise TorchCheckpointError(f"{path}: not a torch.save zip checkpoint")
 
 
+def _check_not_truncated(path: pathlib.Path) -> None:
+  """Raises for a file that starts like a zip archive but has no end-of-archive record.
+
+  ``torch.save`` writes the zip directory last, so a partial copy or an interrupted download keeps the
+  zip signature at the front and loses the end: say so, instead of "not a checkpoint".
+  """
+  size = path.stat().st_size
+  if size == 0:
+    raise TorchCheckpointError(f"{path}: the file is empty (0 bytes): an interrupted copy or download? "
+                               "Copy or download it again")
+  with open(path, "rb") as f:
+    head = f.read(4)
+  if head == b"PK\x03\x04":
+    raise TorchCheckpointError(
+        f"{path}: truncated or corrupt checkpoint: it starts as a torch.save zip archive but its end (the zip "
+        f"directory) is missing ({size} bytes); copy or download it again")
+
+
 def _find_pickle(source: _ZipSource) -> str:
   names = [n for n in source.zip.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
   if len(names) != 1:
@@ -477,6 +497,7 @@ def load(path: PathLike, *, key: str | None = None) -> TorchCheckpoint:
   if not path.is_file():
     raise FileNotFoundError(f"{path}: no such checkpoint file")
   if not zipfile.is_zipfile(path):
+    _check_not_truncated(path)
     _check_not_legacy(path)
   source = _ZipSource(path)
   prefix = _find_pickle(source)
@@ -653,7 +674,8 @@ def save(path: PathLike, mapping: Mapping[str, Any]) -> None:
   Values may be numpy / jax arrays or lazy objects (e.g. :class:`LazyTensor`) exposing ``shape`` and
   ``dtype``: tensors are materialised and written one at a time. Supported dtypes: float64/32/16,
   bfloat16 (ml_dtypes), int64/32/16/8, uint8, bool, complex64/128. The top level is a plain dict, as
-  ``torch.save(state_dict)`` writes; the file is replaced atomically.
+  ``torch.save(state_dict)`` writes; the file is replaced atomically and gets ordinary permissions
+  (0666 minus the umask).
   """
   path = pathlib.Path(path)
   archive = _archive_name(path)
@@ -673,33 +695,20 @@ def save(path: PathLike, mapping: Mapping[str, Any]) -> None:
   buf = io.BytesIO()
   _TorchPickler(buf, protocol=2).dump(top)
 
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{secrets.token_hex(4)}", dir=path.parent)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      with _AlignedZipWriter(f) as zw:
-        zw.write_bytes(f"{archive}/data.pkl", buf.getvalue())
-        zw.write_bytes(f"{archive}/.format_version", b"1")
-        zw.write_bytes(f"{archive}/.storage_alignment", str(_AlignedZipWriter.ALIGN).encode())
-        zw.write_bytes(f"{archive}/byteorder", sys.byteorder.encode())
-        for i, (name, value, shape, dtype) in enumerate(records):
-          arr = np.asarray(value)
-          if arr.shape != shape:
-            raise ValueError(f"{path}: tensor {name!r} materialised with shape {arr.shape}, announced {shape}")
-          if arr.dtype != dtype:
-            if arr.dtype.newbyteorder("=") != dtype:
-              raise ValueError(f"{path}: tensor {name!r} materialised as {arr.dtype}, announced {dtype}")
-            arr = arr.astype(dtype)  # Non-native byte order -> native.
-          zw.write(f"{archive}/data/{i}", _array_chunks(arr), arr.nbytes)
-          del arr
-        zw.write_bytes(f"{archive}/version", b"3\n")
-        zw.write_bytes(f"{archive}/.data/serialization_id", secrets.token_hex(20).encode())
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    try:
-      os.unlink(tmp)
-    except FileNotFoundError:
-      pass
-    raise
+  with atomic_write(path) as f, _AlignedZipWriter(f) as zw:
+    zw.write_bytes(f"{archive}/data.pkl", buf.getvalue())
+    zw.write_bytes(f"{archive}/.format_version", b"1")
+    zw.write_bytes(f"{archive}/.storage_alignment", str(_AlignedZipWriter.ALIGN).encode())
+    zw.write_bytes(f"{archive}/byteorder", sys.byteorder.encode())
+    for i, (name, value, shape, dtype) in enumerate(records):
+      arr = np.asarray(value)
+      if arr.shape != shape:
+        raise ValueError(f"{path}: tensor {name!r} materialised with shape {arr.shape}, announced {shape}")
+      if arr.dtype != dtype:
+        if arr.dtype.newbyteorder("=") != dtype:
+          raise ValueError(f"{path}: tensor {name!r} materialised as {arr.dtype}, announced {dtype}")
+        arr = arr.astype(dtype)  # Non-native byte order -> native.
+      zw.write(f"{archive}/data/{i}", _array_chunks(arr), arr.nbytes)
+      del arr
+    zw.write_bytes(f"{archive}/version", b"3\n")
+    zw.write_bytes(f"{archive}/.data/serialization_id", secrets.token_hex(20).encode())

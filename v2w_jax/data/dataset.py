@@ -35,6 +35,7 @@ from typing import Any, Mapping, Sequence
 import grain
 import numpy as np
 
+from v2w_jax.user_errors import UserError
 from v2w_jax.data import text as text_lib
 from v2w_jax.data import video as video_lib
 
@@ -44,7 +45,7 @@ _SKIPPED = "_num_skipped"  # per-sample bookkeeping, removed from the batch by t
 _MAX_REPLACEMENTS = 16
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
   """The dataset cannot be used; the message names the files and what is wrong."""
 
 

@@ -20,11 +20,13 @@ import hashlib
 import json
 import os
 import pathlib
-import tempfile
 from typing import Iterable
 
 import ml_dtypes
 import numpy as np
+
+from v2w_jax.atomic_file import atomic_write
+from v2w_jax.user_errors import UserError
 
 FORMAT = "v2w_jax.text_embeddings.v1"
 INDEX_NAME = "index.json"
@@ -33,7 +35,7 @@ BF16 = np.dtype(ml_dtypes.bfloat16)
 _DTYPES = ("bfloat16", "float32")
 
 
-class EmbeddingError(RuntimeError):
+class EmbeddingError(UserError, RuntimeError):
   """A text embedding is missing or unusable; the message names the file and the problem."""
 
 
@@ -50,16 +52,8 @@ def default_store_dir(dataset_dir: str | os.PathLike, embeddings_dir: str | os.P
 
 
 def _atomic_write_bytes(path: pathlib.Path, write) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      write(f)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  with atomic_write(path, fsync=False) as f:
+    write(f)
 
 
 def _disk_dtype_name(dtype: np.dtype) -> str | None:

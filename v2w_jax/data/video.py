@@ -24,12 +24,14 @@ from typing import Sequence
 
 import numpy as np
 
+from v2w_jax.user_errors import UserError
+
 DEFAULT_FPS = 16.0
 
 _log = logging.getLogger(__name__)
 
 
-class VideoError(RuntimeError):
+class VideoError(UserError, RuntimeError):
   """A video file cannot be used; the message names the file and what is wrong."""
 
 

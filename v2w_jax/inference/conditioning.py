@@ -27,11 +27,12 @@ from typing import Sequence
 
 import numpy as np
 
+from v2w_jax.user_errors import UserError
 from v2w_jax.data import video as video_lib
 from v2w_jax.inference.spec import input_kind
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
   """An input image / video cannot be used; the message names the file."""
 
 

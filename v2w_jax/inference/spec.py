@@ -33,6 +33,8 @@ import os
 import pathlib
 from typing import Any, Sequence
 
+from v2w_jax.user_errors import UserError
+
 _log = logging.getLogger(__name__)
 
 # The reference inference script's default negative prompt (``cosmos_predict2/config.py``). Its embedding is
@@ -56,7 +58,7 @@ _KNOWN_FIELDS = (
 ) + _IGNORED_REFERENCE_FIELDS
 
 
-class SpecError(ValueError):
+class SpecError(UserError, ValueError):
   """A spec file is unusable; the message lists every bad entry and field."""
 
 
