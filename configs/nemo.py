@@ -162,6 +162,9 @@ def get_config() -> ConfigDict:
           text_tokens=512,
           skip_bad_files=False,
           check_at_start=True,
+          # The start-up check also decodes each clip's last frame: a truncated clip whose header still
+          # lists all frames is found (and named) once, before training, instead of failing some windows.
+          check_decode=True,
           decode_threads=2,
           make_sample_dataset=False,  # write the synthetic sample dataset if dataset_dir is absent
       )

@@ -19,6 +19,16 @@ stream is the same for any ``num_workers``. The global stream of samples does no
 process count either. Iterator state (``get_state``/``set_state``, or orbax through
 ``grain.checkpoint.CheckpointSave``/``CheckpointRestore``) resumes at the exact next batch.
 
+Bad clips: the start-up check (``data.check_at_start``; with ``data.check_decode`` it also decodes
+each clip's last frame, which a truncated clip fails although its header lists every frame) names
+every bad file, and either stops or (``data.skip_bad_files``) leaves them out. A window that still
+fails to load at run time (damage inside a clip, a file changed during training) stops training
+naming the file, or with ``skip_bad_files`` is replaced by another clip drawn from that sample's own
+generator. The replacement, not a "known bad" list, keeps the stream exact: whether a window decodes
+depends only on the file and the window, so every worker count, process count and resumed run makes
+the same batches. The file is named in the log once per process; every replacement is counted
+(``VideoBatchIterator.num_skipped``, the trainer's ``data_skipped`` metric).
+
 Batch (numpy, host-local): ``video`` uint8 [B,3,T,H,W]; ``text_embeddings`` bf16 [B,N,D];
 ``padding_mask`` float32 [B,1,H,W] zeros; ``fps`` float32 [B]; ``index`` int32 [B] (position of
 the clip in the dataset's sorted file list).
@@ -99,6 +109,7 @@ class DataSpec:
   prefetch_buffer_size: int = 2
   skip_bad_files: bool = False
   check_at_start: bool = True
+  check_decode: bool = True
   decode_threads: int = 2
 
   @classmethod
@@ -129,6 +140,7 @@ class DataSpec:
         prefetch_buffer_size=int(d.get("prefetch_buffer_size", 2)),
         skip_bad_files=bool(d.get("skip_bad_files", False)),
         check_at_start=bool(d.get("check_at_start", True)),
+        check_decode=bool(d.get("check_decode", True)),
         decode_threads=int(d.get("decode_threads", 2)),
     )
 
@@ -151,6 +163,7 @@ class LoadSample:
     self.records = tuple(records)
     self.seed = int(seed)
     self._store: text_lib.TextEmbeddingStore | None = None
+    self._reported: set[str] = set()  # files already named in the log by this process
 
   def __getstate__(self):
     state = dict(self.__dict__)
@@ -193,7 +206,10 @@ class LoadSample:
         if not self.spec.skip_bad_files:
           raise DataError(f"bad training sample {what}") from e
         skipped += 1
-        _log.warning("skipping bad training sample %s", what)
+        if record.path not in self._reported:
+          self._reported.add(record.path)
+          _log.warning("replacing bad training sample %s (this file is not named again; every replacement "
+                       "counts in the data_skipped metric)", what)
         if skipped > _MAX_REPLACEMENTS or len(self.records) < 2:
           raise DataError(f"gave up after {skipped} bad files in a row; last: {what}") from e
         # A deterministic replacement: another record, drawn from this sample's generator.
@@ -371,7 +387,7 @@ def make_loader(
     seed = int(config.get("seed", 0)) + (0 if split == "train" else 1)
   report = None
   if spec.check_at_start:
-    report = check_lib.check_dataset(spec.dataset_dir, config, spec=spec)
+    report = check_lib.check_dataset(spec.dataset_dir, config, spec=spec, decode=spec.check_decode)
     if report.problems:
       if not spec.skip_bad_files:
         raise DataError(report.format())

@@ -153,23 +153,27 @@ class _PyAVReader:
     import av  # pylint: disable=import-outside-toplevel
 
     out = []
+    decoded = 0  # frames decoded from the start of the file
     try:
       with av.open(self.path) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        for i, frame in enumerate(container.decode(stream)):
-          if i >= start:
+        for frame in container.decode(stream):
+          if decoded >= start:
             out.append(frame.to_ndarray(format="rgb24"))
+          decoded += 1
           if len(out) == num_frames:
             break
     except Exception as e:
       raise VideoError(
-          f"{self.path}: decoding frames {start}..{start + num_frames - 1} failed ({type(e).__name__}: {e})"
+          f"{self.path}: truncated or corrupt: decoding stops after {decoded} of the {self.total} frames the "
+          f"container lists ({type(e).__name__}: {e}); the window needed frames {start}..{start + num_frames - 1}"
       ) from e
     if len(out) < num_frames:
+      # The stream ended early: every decode of this file stops at the same frame, whatever the window.
       raise VideoError(
-          f"{self.path}: only {start + len(out)} frames could be decoded, the window needs frames "
-          f"{start}..{start + num_frames - 1} (truncated or corrupt file?)"
+          f"{self.path}: truncated or corrupt: only {decoded} of the {self.total} frames the container lists "
+          f"decode; the window needed frames {start}..{start + num_frames - 1}"
       )
     return np.stack(out)
 

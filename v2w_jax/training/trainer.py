@@ -239,6 +239,7 @@ def train(config) -> dict[str, Any]:
   if run_validation and start == 0:
     logger.log(0, validate(), prefix="val")  # the baseline the validation curve starts from
   window: list[dict[str, float]] = []
+  skips_reported = 0  # bad samples the data loader replaced at run time, as last logged
   step = start
   metrics: dict[str, float] = {}
   last_saved = start if checkpointer.latest_step() == start else None
@@ -270,7 +271,11 @@ def train(config) -> dict[str, Any]:
         if step % int(config.trainer.logging_iter) == 0 or step == max_iter:
           metrics = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
           tflops = flops_per_step / metrics["step_s"] / jax.device_count() / 1e12
-          metrics.update(tflops_per_device=tflops, **_memory_gib())
+          metrics.update(tflops_per_device=tflops, data_skipped=float(data_iter.num_skipped), **_memory_gib())
+          if data_iter.num_skipped > skips_reported:
+            _log.warning("%d bad training sample(s) replaced so far (data.skip_bad_files; files named above)",
+                         data_iter.num_skipped)
+            skips_reported = data_iter.num_skipped
           if peak:
             metrics["mfu"] = tflops * 1e12 / peak
           logger.log(step, metrics)
