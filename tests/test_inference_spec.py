@@ -80,7 +80,7 @@ def test_default_negative_embedding(assets):
 
 
 BAD_ENTRIES = [
-    ({"name": "a"}, "needs 'prompt_embedding'"),
+    ({"name": "a"}, "needs 'prompt' or 'prompt_path'"),
     ({"prompt": "x"}, "field 'name'"),
     ({"name": "a/b", "prompt": "x"}, "field 'name'"),
     ({"name": "a", "prompt": "x", "guidance": -1}, "field 'guidance'"),
@@ -151,3 +151,43 @@ def test_bad_files(tmp_path):
 def test_input_kind():
   assert spec_lib.input_kind("a/B.JPG") == "image" and spec_lib.input_kind("x.mp4") == "video"
   assert spec_lib.input_kind(os.path.join("d", "x.npy")) is None
+
+
+REFERENCE_SPECS = pathlib.Path(__file__).parent / "assets" / "reference_specs"
+
+
+def test_reference_layout_files_as_they_are(monkeypatch):
+  monkeypatch.chdir("/")  # relative paths resolve against the spec file's folder
+  t2w = load_specs(REFERENCE_SPECS / "text2world.json", DEFAULTS)
+  assert [(s.name, s.inference_type, s.input_path) for s in t2w] == [
+      ("teal_robot_idle", "text2world", None), ("night_warehouse", "text2world", None)]
+  assert t2w[0].prompt == (REFERENCE_SPECS / "teal_robot_idle.txt").read_text().strip()
+  assert t2w[1].prompt == "An empty warehouse at night, lit by a single lamp."
+  assert t2w[0].where == f"{REFERENCE_SPECS / 'text2world.json'}: sample 'teal_robot_idle'"
+  (i2w,) = load_specs(REFERENCE_SPECS / "image2world.json", DEFAULTS)
+  assert (i2w.name, i2w.num_conditional_frames, i2w.input_kind) == ("teal_robot_arm", 1, "image")
+  assert i2w.input_path == str((REFERENCE_SPECS / "teal_robot_arm.jpg").resolve())
+  (v2w,) = load_specs(REFERENCE_SPECS / "video2world.json", DEFAULTS)
+  assert (v2w.num_conditional_frames, v2w.input_kind, v2w.output) == (2, "video", "teal_robot_pick.mp4")
+  # The shared top-level settings apply to every sample.
+  assert (v2w.seed, v2w.guidance, v2w.negative_prompt, v2w.resolution) == (3, 5.0, "Blurry, static footage.", (32, 48))
+
+
+def test_reference_layout_shared_settings_and_problems(assets):
+  spec = {"inference_type": "image2world", "seed": 4, "prompt": "shared prompt", "samples": {
+      "a": {"input_path": "img.png"},
+      "b": {"prompt_path": "prompt.txt", "input_path": "clip.mp4", "seed": 9, "num_conditional_frames": 2},
+  }}
+  a, b = load_specs(_write(assets / "ref.json", spec), DEFAULTS)
+  assert (a.name, a.seed, a.prompt, a.num_conditional_frames) == ("a", 4, "shared prompt", 1)
+  assert (b.name, b.seed, b.prompt, b.num_conditional_frames) == ("b", 9, "a robot", 2)  # the sample's own win
+  bad = {"inference_type": "video2world", "stepz": 3, "samples": {"a": {"prompt": "x", "input_path": "img.png"}}}
+  with pytest.raises(SpecError, match=r"unknown top-level field\(s\) \['stepz'\]"):
+    load_specs(_write(assets / "bad.json", bad), DEFAULTS)
+  bad = {"inference_type": "video2world", "samples": {"a": {"prompt": "x"}, "b": {"prompt": "y", "guidance": -1}}}
+  with pytest.raises(SpecError) as info:
+    load_specs(_write(assets / "bad.json", bad), DEFAULTS)
+  msg = str(info.value)
+  assert "sample 'a': field 'input_path': required" in msg and "sample 'b': field 'guidance'" in msg
+  with pytest.raises(SpecError, match="'samples' must be a non-empty object"):
+    load_specs(_write(assets / "bad.json", {"inference_type": "text2world", "samples": []}), DEFAULTS)

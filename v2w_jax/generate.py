@@ -2,19 +2,24 @@ r"""Video2World inference CLI: text/image/video -> 16 fps mp4, as the reference 
 
 Usage::
 
-    python -m v2w_jax.generate --spec=assets/robot.json --config=configs/nemo.py \
+    python -m v2w_jax.generate --spec=assets/sample_spec.json --config=configs/nemo.py \
         --checkpoint=outputs/.../checkpoints            # training run (EMA weights of the latest step)
         # or --checkpoint=checkpoints/dit_params         # converted params folder (tools/convert_torch_ckpt.py)
         # or --checkpoint=checkpoints/..._ema_bf16.pt    # reference checkpoint, converted on the fly
         --vae_checkpoint=checkpoints/Wan2.1_VAE.pth --output_dir=outputs/generate
 
-The spec format is documented in ``v2w_jax/inference/spec.py``; every sample and its embeddings are
-validated before any weights are loaded. ``--checkpoint`` / ``--vae_checkpoint`` default to
-``config.checkpoint.load_path`` / ``config.vae.checkpoint_path``; random weights need
-``--allow_random_weights`` (tests and smoke runs). Each sample writes ``<output>.mp4`` and a JSON
-sidecar ``<output>.json`` with the resolved settings and stage timings. The sampler follows
-``config.objective``: rectified flow -> the reference's UniPC (``shift`` applies); EDM
-(``configs/nemo_edm.py``) -> the reference's 2ab sampler on the EDM-preconditioned DiT.
+``--spec`` takes this port's sample lists (``assets/sample_spec.json``) and the reference's own spec files
+as they are (``{"inference_type": ..., "samples": {NAME: {"prompt_path" | "prompt", "input_path"}}}``,
+e.g. its ``assets/base/video2world.json``); both are documented in ``v2w_jax/inference/spec.py``. Prompts
+are looked up in the text-embedding store (``--text_embeddings_dir``); those it lacks are embedded first
+with ``--text_encoder_dir`` (the Cosmos-Reason1 folder; needs torch), or listed in one error with the
+command that computes them. Every sample, embedding and input file is checked before any weights are
+loaded. ``--checkpoint`` / ``--vae_checkpoint`` default to ``config.checkpoint.load_path`` /
+``config.vae.checkpoint_path``; random weights need ``--allow_random_weights`` (tests and smoke runs).
+Each sample writes ``<output>.mp4`` and a JSON sidecar ``<output>.json`` with the resolved settings and
+stage timings. The sampler follows ``config.objective``: rectified flow -> the reference's UniPC (``shift``
+applies); EDM (``configs/nemo_edm.py``) -> the reference's 2ab sampler on the EDM-preconditioned DiT.
+Mistakes end in one ``error:`` line (exit status 2).
 """
 
 from __future__ import annotations
@@ -30,6 +35,9 @@ from typing import Any, Sequence
 from absl import app, flags
 from ml_collections import config_flags
 
+from v2w_jax.logging_setup import setup_logging
+from v2w_jax.user_errors import UserError, main_guard
+
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/nemo.py", "Model / data config (ml_collections).")
 _SPEC = flags.DEFINE_multi_string("spec", None, "Sample spec file(s): .json, .jsonl, .yaml (repeatable).")
 _CHECKPOINT = flags.DEFINE_string(
@@ -43,7 +51,10 @@ _ALLOW_RANDOM = flags.DEFINE_bool("allow_random_weights", False,
 _USE_EMA = flags.DEFINE_bool("use_ema", True, "From a training checkpoint, load the EMA weights (else the raw ones).")
 _TEXT_DIR = flags.DEFINE_string(
     "text_embeddings_dir", "", "Text-embedding store for 'prompt' texts. Default: config.data.embeddings_dir or "
-    "<config.data.dataset_dir>/text_embeddings.")
+    "<config.data.dataset_dir>/text_embeddings when it exists, else <output_dir>/text_embeddings.")
+_TEXT_ENCODER = flags.DEFINE_string(
+    "text_encoder_dir", "", "Cosmos-Reason1 (Hugging Face) folder: prompts the store lacks are embedded with it "
+    "into the store before generating (needs torch and transformers, the [text] extra).")
 _NEGATIVE = flags.DEFINE_string("negative_prompt_embedding", "",
                                 "Default negative-prompt embedding .npy for samples without their own.")
 _KEEP_GOING = flags.DEFINE_bool("keep_going", False, "Continue with the next sample after a failure.")
@@ -161,39 +172,84 @@ def generate_all(specs: Sequence[Any], pipe, resolver, output_dir: str | os.Path
   return records
 
 
-def main(argv: Sequence[str]) -> int:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+class GenerateError(UserError):
+  """A flag of the generator is unusable; the message names it."""
+
+
+def text_store_dir(config, flag: str, output_dir: str | os.PathLike) -> pathlib.Path:
+  """--text_embeddings_dir; else the config's store when it exists; else ``<output_dir>/text_embeddings``."""
+  from v2w_jax.data import text as text_lib  # pylint: disable=import-outside-toplevel
+  from v2w_jax.inference import embeddings  # pylint: disable=import-outside-toplevel
+
+  if flag:
+    return pathlib.Path(flag)
+  default = embeddings.default_store_dir(config)
+  if default is not None and text_lib.TextEmbeddingStore(default).exists():
+    return default
+  return pathlib.Path(output_dir) / "text_embeddings"
+
+
+def check_inputs(specs: Sequence[Any], temporal_factor: int) -> None:
+  """Reads every sample's conditioning frames once; raises one InputError naming each unusable file."""
+  from v2w_jax.inference import conditioning  # pylint: disable=import-outside-toplevel
+
+  problems = []
+  for spec in specs:
+    if spec.num_conditional_frames > 0:
+      try:
+        conditioning.conditional_frames(spec.input_path, spec.num_conditional_frames, spec.resolution,
+                                        temporal_factor)
+      except conditioning.InputError as e:
+        problems.append(f"{spec.where}: field 'input_path': {e}")
+  if len(problems) == 1:
+    raise conditioning.InputError(problems[0])
+  if problems:
+    raise conditioning.InputError(f"{len(problems)} unusable input files:\n  " + "\n  ".join(problems))
+
+
+def run(config) -> int:
+  """Validates everything, prepares missing text embeddings, loads the weights and generates every sample."""
   from v2w_jax.inference import embeddings  # pylint: disable=import-outside-toplevel
   from v2w_jax.inference import spec as spec_lib  # pylint: disable=import-outside-toplevel
   from v2w_jax.models.dit_config import DiTConfig  # pylint: disable=import-outside-toplevel
+  from v2w_jax.models.vae import VAEConfig  # pylint: disable=import-outside-toplevel
 
-  config = _CONFIG.value
   if not _SPEC.value:
-    raise app.UsageError("--spec is required (a .json, .jsonl or .yaml sample list)")
+    raise GenerateError("--spec is required: a sample spec (.json, .jsonl or .yaml), e.g. --spec=assets/sample_spec.json")
   negative = _NEGATIVE.value
   if negative and not pathlib.Path(negative).is_file():
-    raise app.UsageError(f"--negative_prompt_embedding: {negative} does not exist")
-  try:
-    specs = spec_lib.load_specs(_SPEC.value, spec_defaults(config, os.path.abspath(negative) if negative else None))
-    width = DiTConfig.from_config(config.model).text_in_channels
-    store_dir = _TEXT_DIR.value or embeddings.default_store_dir(config)
+    raise GenerateError(f"--negative_prompt_embedding {negative}: no such file")
+  specs = spec_lib.load_specs(_SPEC.value, spec_defaults(config, os.path.abspath(negative) if negative else None))
+  width = DiTConfig.from_config(config.model).text_in_channels
+  num_tokens = int(_cfg_get(_cfg_get(config, "data", None), "text_tokens", 512))
+  store_dir = text_store_dir(config, _TEXT_DIR.value, _OUTPUT_DIR.value)
+  resolver = embeddings.EmbeddingResolver(width, store_dir)
+  # Text first: the encoder (torch) runs and frees its memory before JAX takes the accelerator.
+  missing = resolver.missing_texts(specs, default_negative=bool(_TEXT_ENCODER.value))
+  if missing and not _TEXT_ENCODER.value:
+    raise embeddings.missing_error(missing, store_dir, num_tokens)
+  if missing:
+    embeddings.embed_missing(list(missing), store_dir, _TEXT_ENCODER.value, num_tokens, width)
     resolver = embeddings.EmbeddingResolver(width, store_dir)
-    resolver.check(specs)
-  except (spec_lib.SpecError, embeddings.EmbeddingError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  resolver.check(specs)
+  check_inputs(specs, VAEConfig.from_config(config.vae).temporal_factor)
   try:
     pipe, info = build_pipeline(config, checkpoint=_CHECKPOINT.value, vae_checkpoint=_VAE_CHECKPOINT.value,
                                 allow_random_weights=_ALLOW_RANDOM.value, use_ema=_USE_EMA.value)
   except ValueError as e:  # bad / missing weights (WeightsError), bad objective settings
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    raise GenerateError(str(e)) from e
   records = generate_all(specs, pipe, resolver, _OUTPUT_DIR.value, info=info, keep_going=_KEEP_GOING.value)
   failed = [r for r in records if "error" in r]
   _log.info("%d sample(s) written to %s, %d failed", len(records) - len(failed), _OUTPUT_DIR.value, len(failed))
   return 1 if failed else 0
+
+
+def main(argv: Sequence[str]) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  setup_logging()
+  with main_guard():
+    return run(_CONFIG.value)
 
 
 if __name__ == "__main__":

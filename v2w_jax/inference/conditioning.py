@@ -101,7 +101,8 @@ def read_video_tail(path: str | os.PathLike, num_frames: int) -> np.ndarray:
       return reader.read(total - num_frames, num_frames)
     except video_lib.VideoError as e:
       errors.append(str(e))
-  raise InputError(errors[-1] if len(set(errors)) == 1 else "; ".join(errors))
+  # PyAV's own message is part of the first one when decord could not open the file: say it once.
+  raise InputError(errors[0] if all(e in errors[0] for e in errors[1:]) else "; ".join(errors))
 
 
 def conditional_frames(input_path: str | os.PathLike, num_conditional_frames: int, size: Sequence[int],

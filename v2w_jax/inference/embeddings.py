@@ -1,11 +1,16 @@
 """Text embeddings of a generation sample: precomputed ``.npy`` files or the text-embedding store.
 
-The 7B text encoder does not run in the generator. A sample's conditional embedding comes from its
-``prompt_embedding`` file, else from the store (``data/text.py``) by its exact prompt text. The
-unconditional (negative) branch uses, in order: the sample's ``negative_prompt_embedding`` file, the
-store's embedding of its ``negative_prompt`` text, the store's embedding of the reference's default
-negative prompt, and finally all-zero text (what the reference's training-time sample callback uses) with a
-warning. ``check`` validates every sample's embeddings (file headers only) before any model is loaded.
+A sample's conditional embedding comes from its ``prompt_embedding`` file, else from the store
+(``data/text.py``) by its exact prompt text. The unconditional (negative) branch uses, in order: the
+sample's ``negative_prompt_embedding`` file, the store's embedding of its ``negative_prompt`` text, the
+store's embedding of the reference's default negative prompt, and finally all-zero text (what the
+reference's training-time sample callback uses) with a warning.
+
+Prompts the store lacks are found up front (:meth:`EmbeddingResolver.missing_texts`): with a text
+encoder folder they are embedded into the store first (:func:`embed_missing`, the same encoder as
+``tools/compute_text_embeddings.py``; torch is imported only then), else they are one error that lists
+them with the command computing them (:func:`missing_error`). ``check`` then validates every sample's
+embeddings (file headers only) before any model is loaded.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import pathlib
+import shlex
 from typing import Sequence
 
 import ml_dtypes
@@ -116,6 +122,24 @@ class EmbeddingResolver:
       return self._from_store(ref)
     return None
 
+  def missing_texts(self, specs: Sequence[SampleSpec], *, default_negative: bool = False) -> dict[str, list[str]]:
+    """Prompt / negative-prompt texts the samples read from the store but it lacks -> the samples naming them.
+
+    ``default_negative`` adds the reference's default negative prompt when a guided sample would fall back
+    to it and the store lacks it (to compute it along, as the reference always uses it).
+    """
+    missing: dict[str, list[str]] = {}
+    for spec in specs:
+      if spec.prompt_embedding is None and spec.prompt is not None and not self._store_has(spec.prompt):
+        missing.setdefault(spec.prompt, []).append(spec.where)
+      if (spec.negative_prompt_embedding is None and spec.negative_prompt is not None
+          and not self._store_has(spec.negative_prompt)):
+        missing.setdefault(spec.negative_prompt, []).append(f"{spec.where} (negative_prompt)")
+      if (default_negative and spec.guidance != 0 and spec.negative_prompt_embedding is None
+          and spec.negative_prompt is None and not self._store_has(DEFAULT_NEGATIVE_PROMPT)):
+        missing.setdefault(DEFAULT_NEGATIVE_PROMPT, []).append("the default negative prompt")
+    return {text: list(dict.fromkeys(where)) for text, where in missing.items()}
+
   def check(self, specs: Sequence[SampleSpec]) -> None:
     """Validates every sample's embeddings (headers only); raises one EmbeddingError listing all problems."""
     problems = []
@@ -156,6 +180,39 @@ class EmbeddingResolver:
     if neg is not None and neg.shape != pos.shape:
       raise EmbeddingError(f"{spec.where}: negative embedding {neg.shape} != prompt embedding {pos.shape}")
     return pos, neg
+
+
+def missing_error(missing: dict[str, list[str]], store_dir: str | os.PathLike, num_tokens: int) -> EmbeddingError:
+  """One error listing the prompts without an embedding, with the command that computes them."""
+  lines = [f"{len(missing)} prompt(s) have no text embedding in the store {store_dir}:"]
+  for text, where in missing.items():
+    lines.append(f"  {_short(text)!r} ({'; '.join(where)})")
+  command = ["python", "tools/compute_text_embeddings.py", "--model_dir=checkpoints/Cosmos-Reason1-7B",
+             f"--out_dir={store_dir}", f"--num_tokens={num_tokens}"] + [f"--caption={t}" for t in missing]
+  lines.append("compute them (with your Cosmos-Reason1 folder as --model_dir) with:")
+  lines.append("  " + shlex.join(command))
+  lines.append("or rerun with --text_encoder_dir=<Cosmos-Reason1 folder> to compute them first")
+  return EmbeddingError("\n".join(lines))
+
+
+def embed_missing(texts: Sequence[str], store_dir: str | os.PathLike, encoder_dir: str | os.PathLike,
+                  num_tokens: int, width: int) -> None:
+  """Embeds ``texts`` into the store with the Cosmos-Reason1 encoder at ``encoder_dir``, then frees it."""
+  from v2w_jax.data import text_encoder  # pylint: disable=import-outside-toplevel
+
+  _log.info("embedding %d prompt(s) with the text encoder %s into %s", len(texts), encoder_dir, store_dir)
+  encoder = text_encoder.ReasonTextEncoder(encoder_dir, num_tokens=num_tokens)
+  try:
+    if encoder.width != width:
+      raise EmbeddingError(f"--text_encoder_dir {encoder_dir}: the encoder makes {encoder.width}-wide embeddings, "
+                           f"the DiT reads {width} (model.crossattn_proj_in_channels)")
+    text_encoder.compute_store(texts, store_dir, encoder)
+  finally:
+    encoder.close()
+
+
+def _short(text: str, n: int = 100) -> str:
+  return text if len(text) <= n else text[: n - 3] + "..."
 
 
 def default_store_dir(config) -> pathlib.Path | None:

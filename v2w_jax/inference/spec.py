@@ -1,15 +1,30 @@
 """The sample list of ``python -m v2w_jax.generate``: JSON, JSONL or YAML, validated up front.
 
-A spec file holds one sample (an object), a list of samples, or (JSONL) one object per line. Field
-names follow the reference ``examples/inference.py`` where they exist, plus the fields a port without
-the 7B text encoder needs (precomputed embeddings)::
+Two layouts are read. The reference's own spec files (``examples/inference.py``'s parameter files, e.g.
+its ``assets/base/video2world.json``) hold shared settings at the top level and the samples by name::
+
+    {
+      "inference_type": "video2world",         # shared settings: any sample field below except name
+      "seed": 1, "guidance": 7, "negative_prompt": "...", "resolution": "none", "num_output_frames": 93,
+      "samples": {
+        "robot_pouring": {"prompt_path": "robot_pouring.txt", "input_path": "robot_pouring.mp4"},
+        "stop_sign": {"prompt": "A point-of-view video ...", "input_path": "stop_sign.mp4"}
+      }
+    }
+
+A sample's own fields override the shared ones. Settings a file leaves out take this port's defaults
+(seed 0, guidance 7, 35 steps, the config's clip size and length). This port's own layout is one sample
+(an object), a list of samples, or (JSONL) one object per line, each with its ``name``. Field names
+follow the reference where they exist, plus the fields a port without the 7B text encoder in the loop
+uses (precomputed embeddings)::
 
     {
       "name": "robot_pouring",                 # required, unique; default output <output_dir>/<name>.mp4
-      "prompt": "A robot pours ...",           # looked up in the text-embedding store, or
-      "prompt_embedding": "emb/robot.npy",     #   a precomputed [tokens, D] .npy (either one is required;
-      "prompt_path": "robot.txt",              #   prompt_path: a .txt holding the prompt)
-      "negative_prompt_embedding": "neg.npy",  # optional; else the store's negative prompt, else zeros
+      "prompt": "A robot pours ...",           # embedded by the text-embedding store (or the text
+      "prompt_path": "robot.txt",              #   encoder, --text_encoder_dir), or prompt_path: a .txt, or
+      "prompt_embedding": "emb/robot.npy",     #   a precomputed [tokens, D] .npy (one is required)
+      "negative_prompt": "...",                # optional; else the reference's default negative prompt
+      "negative_prompt_embedding": "neg.npy",  # optional precomputed negative embedding
       "inference_type": "video2world",         # optional: text2world | image2world | video2world
       "input_path": "robot.mp4",               # image (.png/.jpg/.jpeg/.webp/.bmp) or video; absent = text2world
       "num_conditional_frames": 2,             # 0, 1 or 2 latent frames (default: image 1, video 2, none 0)
@@ -119,7 +134,8 @@ def input_kind(path: str | os.PathLike) -> str | None:
   return None
 
 
-def _read_entries(path: pathlib.Path) -> list[Any]:
+def _read_entries(path: pathlib.Path) -> list[tuple[Any, str, bool]]:
+  """(raw entry, its label for messages, whether the label should add the entry's name) per sample."""
   if not path.is_file():
     raise SpecError(f"{path}: spec file does not exist")
   text = path.read_text()
@@ -139,10 +155,48 @@ def _read_entries(path: pathlib.Path) -> list[Any]:
     raise
   except Exception as e:  # json / yaml syntax errors
     raise SpecError(f"{path}: cannot parse ({type(e).__name__}: {e})") from e
+  if isinstance(data, dict) and "samples" in data:
+    return _reference_entries(path, data)
   entries = data if isinstance(data, list) else [data]
   if not entries:
     raise SpecError(f"{path}: no samples in the spec")
+  return [(raw, f"entry {i}", True) for i, raw in enumerate(entries)]
+
+
+def _reference_entries(path: pathlib.Path, data: dict) -> list[tuple[Any, str, bool]]:
+  """Samples of the reference's layout, each merged over the file's shared top-level settings."""
+  samples = data["samples"]
+  if not isinstance(samples, dict) or not samples:
+    raise SpecError(f"{path}: field 'samples' must be a non-empty object {{NAME: {{sample fields}}}}, got "
+                    f"{type(samples).__name__} {samples!r:.80}")
+  shared = {k: v for k, v in data.items() if k != "samples"}
+  unknown = sorted(k for k in shared if k not in _KNOWN_FIELDS or k == "name")
+  if unknown:
+    raise SpecError(f"{path}: unknown top-level field(s) {unknown}: shared settings are sample fields "
+                    f"({sorted(set(_KNOWN_FIELDS) - {'name'})}); samples are named by their keys under 'samples'")
+  entries = []
+  for name, sample in samples.items():
+    label = f"sample {name!r}"
+    if isinstance(sample, dict) and "name" in sample:
+      raise SpecError(f"{path}: {label}: field 'name': samples are named by their key under 'samples'")
+    entries.append((_merge(shared, sample, name) if isinstance(sample, dict) else sample, label, False))
   return entries
+
+
+# Fields that say the same thing in different ways: a sample giving one of a group replaces the group.
+_ALTERNATIVES = (("prompt", "prompt_path", "prompt_embedding"), ("negative_prompt", "negative_prompt_embedding"),
+                 ("num_frames", "num_output_frames"), ("inference_type", "num_conditional_frames"))
+
+
+def _merge(shared: dict, sample: dict, name: str) -> dict:
+  merged = dict(shared)
+  for group in _ALTERNATIVES:
+    if any(k in sample for k in group):
+      for k in group:
+        merged.pop(k, None)
+  merged.update(sample)
+  merged["name"] = name
+  return merged
 
 
 class _Entry:
@@ -247,14 +301,14 @@ def _parse_num_frames(e: _Entry, defaults: SpecDefaults) -> int:
   return n
 
 
-def _parse_entry(raw: Any, index: int, path: pathlib.Path, defaults: SpecDefaults, problems: list[str]
-                 ) -> SampleSpec | None:
-  where = f"{path}: entry {index}"
+def _parse_entry(raw: Any, label: str, show_name: bool, index: int, path: pathlib.Path, defaults: SpecDefaults,
+                 problems: list[str]) -> SampleSpec | None:
+  where = f"{path}: {label}"
   if not isinstance(raw, dict):
     problems.append(f"{where}: must be an object with fields, got {type(raw).__name__}")
     return None
   name = raw.get("name")
-  if isinstance(name, str) and name:
+  if show_name and isinstance(name, str) and name:
     where = f"{where} ({name!r})"
   e = _Entry(raw, where, path.parent, problems)
   n_before = len(problems)
@@ -283,8 +337,8 @@ def _parse_entry(raw: Any, index: int, path: pathlib.Path, defaults: SpecDefault
   prompt_embedding = e.path("prompt_embedding", (".npy",))
   if prompt is None and prompt_embedding is None and not any(
       k in raw for k in ("prompt", "prompt_path", "prompt_embedding")):
-    problems.append(f"{where}: needs 'prompt_embedding' (a precomputed .npy), or 'prompt' / 'prompt_path' "
-                    "with a text-embedding store (--text_embeddings_dir)")
+    problems.append(f"{where}: needs 'prompt' or 'prompt_path' (embedded by the text-embedding store or "
+                    "--text_encoder_dir), or 'prompt_embedding' (a precomputed .npy)")
   negative_prompt = e.text("negative_prompt")
   negative_embedding = e.path("negative_prompt_embedding", (".npy",))
   if negative_embedding is None and "negative_prompt_embedding" not in raw:
@@ -364,8 +418,8 @@ def load_specs(paths: str | os.PathLike | Sequence[str | os.PathLike], defaults:
     except SpecError as e:
       problems.append(str(e))
       continue
-    for i, raw in enumerate(entries):
-      spec = _parse_entry(raw, i, path, defaults, problems)
+    for i, (raw, label, show_name) in enumerate(entries):
+      spec = _parse_entry(raw, label, show_name, i, path, defaults, problems)
       if spec is not None:
         specs.append(spec)
   seen_names: dict[str, str] = {}
