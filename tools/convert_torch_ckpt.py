@@ -169,6 +169,9 @@ def _check_kind(path: Any, asked: str | None, found: str | None) -> str:
 
 
 def to_orbax(args: argparse.Namespace) -> None:
+  if not pathlib.Path(args.input).is_file():
+    raise ConvertError(f"--input {args.input}: a folder; to_orbax reads a .pt/.pth file (a params folder or a "
+                       "training checkpoint goes --direction to_torch)")
   state = torch_pt.load(args.input)
   kind = _check_kind(args.input, args.kind, infer.detect_kind(state, args.prefix))
   if args.config:
