@@ -28,9 +28,7 @@ from typing import Sequence
 if __name__ == "__main__":
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from v2w_jax.data.text_encoder import (  # noqa: E402  pylint: disable=unused-import
-    ENCODER_NAME, NUM_TOKENS, STD_EPS, SYSTEM_PROMPT, ReasonTextEncoder, compute_store, load_chat_template,
-    render_prompt, standardize_concat, to_numpy, tokenize)
+from v2w_jax.data.text_encoder import NUM_TOKENS, ReasonTextEncoder, compute_store  # noqa: E402
 from v2w_jax.data import text as text_lib  # noqa: E402
 from v2w_jax.user_errors import main_guard  # noqa: E402
 

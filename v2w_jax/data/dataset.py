@@ -45,9 +45,9 @@ from typing import Any, Mapping, Sequence
 import grain
 import numpy as np
 
-from v2w_jax.user_errors import UserError
 from v2w_jax.data import text as text_lib
 from v2w_jax.data import video as video_lib
+from v2w_jax.user_errors import UserError
 
 _log = logging.getLogger(__name__)
 

@@ -27,9 +27,9 @@ from typing import Sequence
 
 import numpy as np
 
-from v2w_jax.user_errors import UserError
 from v2w_jax.data import video as video_lib
 from v2w_jax.inference.spec import input_kind
+from v2w_jax.user_errors import UserError
 
 
 class InputError(UserError, ValueError):

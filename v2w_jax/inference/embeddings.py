@@ -24,9 +24,9 @@ from typing import Sequence
 import ml_dtypes
 import numpy as np
 
-from v2w_jax.user_errors import UserError
 from v2w_jax.data import text as text_lib
 from v2w_jax.inference.spec import DEFAULT_NEGATIVE_PROMPT, SampleSpec
+from v2w_jax.user_errors import UserError
 
 _log = logging.getLogger(__name__)
 BF16 = np.dtype(ml_dtypes.bfloat16)
