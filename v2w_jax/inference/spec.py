@@ -23,7 +23,7 @@ uses (precomputed embeddings)::
       "prompt": "A robot pours ...",           # embedded by the text-embedding store (or the text
       "prompt_path": "robot.txt",              #   encoder, --text_encoder_dir), or prompt_path: a .txt, or
       "prompt_embedding": "emb/robot.npy",     #   a precomputed [tokens, D] .npy (one is required)
-      "negative_prompt": "...",                # optional; else the reference's default negative prompt
+      "negative_prompt": "...",                # optional; else the reference's default one (if stored), else zeros
       "negative_prompt_embedding": "neg.npy",  # optional precomputed negative embedding
       "inference_type": "video2world",         # optional: text2world | image2world | video2world
       "input_path": "robot.mp4",               # image (.png/.jpg/.jpeg/.webp/.bmp) or video; absent = text2world
