@@ -65,6 +65,7 @@ def captions_to_embed(dataset_dir: str | os.PathLike | None, extra: Sequence[str
   return sorted(captions)
 
 
+@main_guard
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("dataset_dir", nargs="?", help="DATASET with videos/ and metas/")
@@ -86,9 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   if not args.out_dir and not args.dataset_dir:
     parser.error("--out_dir is required without DATASET")
   out_dir = text_lib.default_store_dir(args.dataset_dir or ".", args.out_dir or None)
-  with main_guard():
-    encoder = ReasonTextEncoder(args.model_dir, dtype=args.dtype, device=args.device, num_tokens=args.num_tokens)
-    done = compute_store(captions, out_dir, encoder, batch_size=args.batch_size, overwrite=args.overwrite)
+  encoder = ReasonTextEncoder(args.model_dir, dtype=args.dtype, device=args.device, num_tokens=args.num_tokens)
+  done = compute_store(captions, out_dir, encoder, batch_size=args.batch_size, overwrite=args.overwrite)
   print(f"{out_dir}: wrote {len(done)} embeddings [{encoder.num_tokens}, {encoder.width}] bf16")
   return 0
 

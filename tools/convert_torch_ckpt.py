@@ -280,15 +280,16 @@ def to_torch(args: argparse.Namespace) -> None:
     torch_pt.save(out, {k: _Ticking(v, bar, out_dtype) for k, v in mapping.items()})
 
 
-def main(argv: list[str] | None = None) -> None:
+@main_guard
+def main(argv: list[str] | None = None) -> int:
   args = _parse_args(argv)
-  with main_guard():
-    if not pathlib.Path(args.input).exists():
-      raise ConvertError(f"--input {args.input}: no such file or folder")
-    direction = args.direction or ("to_torch" if pathlib.Path(args.input).is_dir() else "to_orbax")
-    (to_orbax if direction == "to_orbax" else to_torch)(args)
+  if not pathlib.Path(args.input).exists():
+    raise ConvertError(f"--input {args.input}: no such file or folder")
+  direction = args.direction or ("to_torch" if pathlib.Path(args.input).is_dir() else "to_orbax")
+  (to_orbax if direction == "to_orbax" else to_torch)(args)
   print(f"done: {args.output}")
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

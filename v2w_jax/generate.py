@@ -243,12 +243,12 @@ def run(config) -> int:
   return 1 if failed else 0
 
 
+@main_guard
 def main(argv: Sequence[str]) -> int:
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    raise GenerateError(f"unexpected arguments {argv[1:]}: settings are flags (--spec=..., --config.a.b=value)")
   setup_logging()
-  with main_guard():
-    return run(_CONFIG.value)
+  return run(_CONFIG.value)
 
 
 if __name__ == "__main__":

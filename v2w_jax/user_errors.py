@@ -1,38 +1,52 @@
-"""User mistakes end in one ``error: ...`` line, not a traceback.
+"""Mistakes a user can fix end a command with one ``error: ...`` line on stderr, not a traceback.
 
-Every entry point (``python -m v2w_jax.train`` / ``generate``, the ``tools/`` scripts) runs its body
-under :func:`main_guard`: a :class:`UserError` (a bad flag, file, field or checkpoint; the message
-names it and says what to do) is printed as ``error: <message>`` on stderr and the process exits
-with status 2. The module-specific errors (``WeightsError``, ``SpecError``, ``DataError``, ...)
-derive from it, so library code keeps raising its own precise types. Anything else is a bug and
-keeps its traceback; ``V2W_TRACEBACK=1`` shows the traceback of user errors too.
+Library code raises :class:`UserError` (or a subclass) whose message names the file, config field or
+flag and says what to do; each entry point wraps its ``main`` in :func:`main_guard`, which prints the
+message and returns :data:`EXIT_USAGE`. ``V2W_TRACEBACK=1`` re-raises instead, for debugging.
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import os
 import sys
-from typing import Iterator
+from typing import Any, Callable
 
-EXIT_USER_ERROR = 2
+EXIT_USAGE = 2  # bad flag, config, data or checkpoint: the message says what to change
 
 
 class UserError(Exception):
-  """A mistake the user can fix; the message names the file, field or flag and what to do."""
+  """A mistake in the input (flag, config field, file); the message says what is wrong and what to do."""
 
 
-@contextlib.contextmanager
-def main_guard() -> Iterator[None]:
-  """Turns a :class:`UserError` into ``error: <message>`` on stderr and exit status 2.
+def report(err: BaseException | str, status: int = EXIT_USAGE) -> int:
+  """Prints ``error: <err>`` to stderr and returns ``status`` (the exit status to use)."""
+  print(f"error: {err}", file=sys.stderr, flush=True)
+  return status
 
-  Usable as ``with main_guard(): ...`` or as a decorator ``@main_guard()``.
+
+def show_traceback() -> bool:
+  """Whether to re-raise user errors with their traceback (``V2W_TRACEBACK=1``)."""
+  return os.environ.get("V2W_TRACEBACK") == "1"
+
+
+def main_guard(fn: Callable[..., Any] | None = None, *, errors: tuple[type[BaseException], ...] = (UserError,),
+               status: int = EXIT_USAGE):
+  """Decorates ``main``: an exception of ``errors`` becomes one ``error:`` line and exit ``status``.
+
+  Usable as ``@main_guard`` or ``@main_guard(errors=(UserError, ValueError))``.
   """
-  try:
-    yield
-  except UserError as err:
-    if os.environ.get("V2W_TRACEBACK") == "1":
-      raise
-    sys.stdout.flush()
-    print(f"error: {err}", file=sys.stderr, flush=True)
-    raise SystemExit(EXIT_USER_ERROR) from None
+
+  def decorate(main):
+    @functools.wraps(main)
+    def guarded(*args, **kwargs):
+      try:
+        return main(*args, **kwargs)
+      except errors as err:
+        if show_traceback():
+          raise
+        return report(err, status)
+
+    return guarded
+
+  return decorate(fn) if fn is not None else decorate

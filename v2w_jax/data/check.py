@@ -1,11 +1,10 @@
 """Dataset checker: names every unusable file and what is wrong, before training starts.
 
 Fast: reads container headers (frame count, rate, size) with PyAV, caption files, and the
-headers of the embedding ``.npy`` files; with ``decode=True`` (``data.check_decode``, on by default)
-the last frame of each clip is decoded too, which catches files truncated after a front ``moov``
-(the header still lists every frame, but the later ones are gone).
+headers of the embedding ``.npy`` files — no frame is decoded unless ``decode=True`` (then the
+last frame of each clip is decoded too, which catches files truncated after a front ``moov``).
 
-    python -m v2w_jax.data.check DATASET --config=configs/tiny.py [--nodecode]
+    python -m v2w_jax.data.check DATASET --config=configs/tiny.py [--decode]
 
 Exit status 0 when every file is usable, 1 otherwise. The trainer calls :func:`check_dataset`
 at start (``data.check_at_start``) and either stops with the report or, with
@@ -135,8 +134,7 @@ def main(argv: list[str]) -> int:
   cfg = flags.FLAGS.config
   dataset_dir = argv[1] if len(argv) > 1 else cfg.data.dataset_dir
   try:
-    decode = flags.FLAGS.decode if flags.FLAGS.decode is not None else bool(cfg.data.get("check_decode", True))
-    report = check_dataset(dataset_dir, cfg, decode=decode)
+    report = check_dataset(dataset_dir, cfg, decode=flags.FLAGS.decode)
   except dataset_lib.DataError as e:
     print(f"ERROR {e}", file=sys.stderr)
     return 1
@@ -149,6 +147,6 @@ if __name__ == "__main__":
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
   config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
-  flags.DEFINE_bool("decode", None, "also decode the last frame of every clip (default: config.data.check_decode)")
+  flags.DEFINE_bool("decode", False, "also decode the last frame of every clip (slower)")
   flags.mark_flags_as_required(["config"])
   app.run(lambda argv: sys.exit(main(argv)))
