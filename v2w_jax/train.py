@@ -6,13 +6,13 @@ command resumes from the job folder's latest checkpoint.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from v2w_jax.logging_setup import setup_logging
 from v2w_jax.parallel import distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file (configs/*.py).",
@@ -29,7 +29,10 @@ def main(argv: list[str]) -> int:
 
   user_errors = (ValueError, DataError, FileNotFoundError, MemoryError, trainer.NonFiniteLossError)
 
-  setup_logging()
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                      stream=sys.stderr)
+  for noisy in ("absl", "jax._src", "orbax", "grain"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
   config = _CONFIG.value
   if jax.process_index() == 0:
     print(f"v2w-jax: job {config.job.project}/{config.job.group}/{config.job.name}, "
