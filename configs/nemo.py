@@ -166,7 +166,11 @@ def get_config() -> ConfigDict:
           # lists all frames is found (and named) once, before training, instead of failing some windows.
           check_decode=True,
           decode_threads=2,
-          make_sample_dataset=False,  # write the synthetic sample dataset if dataset_dir is absent
+          # Write the synthetic sample dataset (toy runs) into sample_dataset_dir when dataset_dir or
+          # val_dataset_dir is that folder. Only ever into that folder, and only if it is new, empty or
+          # an earlier sample dataset: a folder of a user's own clips is never written to.
+          make_sample_dataset=False,
+          sample_dataset_dir="data/sample_dataset",
       )
   )
 

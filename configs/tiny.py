@@ -1,8 +1,9 @@
 """A toy config with the structure of ``configs/nemo.py``: trains on CPU in a minute or two.
 
-Used by the README's quick start and the tests. The sample dataset is written on first use under
-``data/sample_dataset`` (no downloads): synthetic moving-pattern mp4 clips, one caption, and its
-text embedding from a small deterministic encoder (see ``tools/make_sample_dataset.py``).
+Used by the README's quick start and the tests. The sample dataset is written on first use into
+its own folder ``data.sample_dataset_dir`` (``data/sample_dataset``; no downloads): synthetic
+moving-pattern mp4 clips, one caption, and its text embedding from a small deterministic encoder
+(see ``tools/make_sample_dataset.py``).
 
 Run::
 
@@ -31,8 +32,11 @@ def get_config():
   c.vae.update(dict(base_dim=8, checkpoint_path=""))
   c.data.update(
       dict(
+          # Train and validate on the sample dataset, made in sample_dataset_dir on first use. With
+          # --config.data.dataset_dir=YOUR_DATASET the run reads your folder and never writes to it.
           dataset_dir="data/sample_dataset",
           val_dataset_dir="data/sample_dataset",
+          sample_dataset_dir="data/sample_dataset",
           make_sample_dataset=True,
           num_frames=9,
           video_size=(32, 48),

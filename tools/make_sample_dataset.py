@@ -3,7 +3,8 @@
 Moving, rotating coloured shapes encoded as H.264 mp4 with PyAV, one caption per clip, and text
 embeddings from a small deterministic STAND-IN encoder (hashed byte n-grams, randomly projected,
 standardised per token) — not Cosmos-Reason1.1; see ``v2w_jax/data/sample_dataset.py``.
-Defaults fit ``configs/tiny.py``; ``--config`` takes the sizes from a config instead.
+Defaults fit ``configs/tiny.py``; ``--config`` takes the sizes from a config instead. OUT_DIR must be
+new, empty or an earlier sample dataset: a folder holding other files is refused (exit status 2).
 
     python tools/make_sample_dataset.py data/sample_dataset --num_videos 4 --frames 24 \
         --height 64 --width 96 --text_tokens 16 --text_width 48
@@ -57,7 +58,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   spec = dataclasses.replace(spec, **fields)
   t0 = time.perf_counter()
-  out = sd.make_sample_dataset(args.out_dir, spec, overwrite=args.overwrite)
+  try:
+    out = sd.make_sample_dataset(args.out_dir, spec, overwrite=args.overwrite)
+  except sd.NotASampleDatasetFolder as err:  # a folder of other files: nothing was written
+    from v2w_jax.user_errors import report  # pylint: disable=import-outside-toplevel
+
+    return report(err)
   print(f"{out}: {spec.num_videos} clips of {spec.frames} frames at {spec.height}x{spec.width}, "
         f"embeddings [{spec.text_tokens}, {spec.text_width}] (stand-in encoder), {time.perf_counter() - t0:.1f}s")
   return 0

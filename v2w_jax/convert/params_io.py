@@ -51,7 +51,7 @@ def _key_name(entry: Any) -> str:
   return str(entry)
 
 
-def _key_str(key_path: tuple[Any, ...]) -> str:
+def key_str(key_path: tuple[Any, ...]) -> str:
   """``('a', 'b', 0)`` key path -> ``"a/b/0"`` (readable in error messages)."""
   return "/".join(_key_name(e) for e in key_path)
 
@@ -176,19 +176,19 @@ def load_params(path: str | os.PathLike, abstract_params: Any = None) -> Any:
   """
   directory = _check_checkpoint(_epath(path))
   stored = _stored_tree(directory)
-  stored_flat = {_key_str(kp): m for kp, m in jax.tree_util.tree_flatten_with_path(stored)[0]}
+  stored_flat = {key_str(kp): m for kp, m in jax.tree_util.tree_flatten_with_path(stored)[0]}
 
   if abstract_params is None:
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), stored)
   else:
     abstract_leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract_params)
-    wanted = {_key_str(kp): leaf for kp, leaf in abstract_leaves}
+    wanted = {key_str(kp): leaf for kp, leaf in abstract_leaves}
     if len(wanted) != len(abstract_leaves):
       raise ValueError(f"{directory}: abstract params have colliding key paths")
     _mismatches(directory, stored_flat, wanted)
 
     def args_for(key_path: tuple[Any, ...], _: Any) -> ocp.RestoreArgs:
-      leaf = wanted[_key_str(key_path)]
+      leaf = wanted[key_str(key_path)]
       dtype = np.dtype(leaf.dtype)
       sharding = getattr(leaf, "sharding", None)
       if sharding is None:
@@ -204,5 +204,5 @@ def load_params(path: str | os.PathLike, abstract_params: Any = None) -> Any:
   tree = restored[PARAMS_ITEM]
   if abstract_params is None:
     return tree
-  by_key = {_key_str(kp): v for kp, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
-  return jax.tree_util.tree_unflatten(treedef, [by_key[_key_str(kp)] for kp, _ in abstract_leaves])
+  by_key = {key_str(kp): v for kp, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return jax.tree_util.tree_unflatten(treedef, [by_key[key_str(kp)] for kp, _ in abstract_leaves])

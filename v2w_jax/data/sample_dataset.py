@@ -22,6 +22,7 @@ import zlib
 import numpy as np
 
 from v2w_jax.data import text as text_lib
+from v2w_jax.user_errors import UserError
 from v2w_jax.data.video import write_mp4
 
 DEFAULT_CAPTION = "A video of sks teal robot."
@@ -128,6 +129,27 @@ def toy_text_embedding(caption: str, tokens: int, width: int, seed: int = 0) -> 
 # The dataset.
 
 
+OWNER_MARKER = ".v2w_sample_dataset"  # written first: the folder is ours to (re)build
+COMPLETE_MARKER = ".complete"  # written last: the folder holds a finished sample dataset
+
+
+class NotASampleDatasetFolder(UserError):
+  """The folder chosen for the sample dataset holds other files; nothing was written into it."""
+
+
+def _claim_folder(out: pathlib.Path) -> None:
+  """Refuses a folder that holds anything but a sample dataset (a user's own clips, a mistyped path)."""
+  if out.exists() and not out.is_dir():
+    raise NotASampleDatasetFolder(f"{out}: not a folder; the sample dataset needs a new or empty folder")
+  if out.is_dir() and not (out / OWNER_MARKER).is_file() and not (out / COMPLETE_MARKER).is_file():
+    if any(out.iterdir()):
+      raise NotASampleDatasetFolder(
+          f"{out}: the folder holds files that are not a synthetic sample dataset; refusing to write "
+          "synthetic clips into it. Give the sample dataset a new or empty folder")
+  out.mkdir(parents=True, exist_ok=True)
+  (out / OWNER_MARKER).write_text("synthetic sample dataset written by v2w_jax.data.sample_dataset\n")
+
+
 def make_sample_dataset(
     out_dir: str | os.PathLike,
     spec: SampleSpec = SampleSpec(),
@@ -137,15 +159,18 @@ def make_sample_dataset(
 ) -> pathlib.Path:
   """Writes videos/, metas/ and text_embeddings/ (or ``embeddings_dir``) under ``out_dir``.
 
-  Without ``overwrite`` an existing complete dataset (a ``.complete`` marker written last) is
-  kept as is; an incomplete one (an interrupted earlier call) is rebuilt.
+  ``out_dir`` must be new, empty or an earlier sample dataset (its marker file says so): a folder
+  holding anything else is refused with :class:`NotASampleDatasetFolder`, even with ``overwrite``.
+  Without ``overwrite`` a complete sample dataset (a ``.complete`` marker written last) is kept as
+  it is; an incomplete one (an interrupted earlier call) is rebuilt.
   """
   out = pathlib.Path(out_dir)
-  marker = out / ".complete"
-  if marker.is_file() and not overwrite:
+  if (out / COMPLETE_MARKER).is_file() and not overwrite:
     return out
   if spec.num_videos <= 0 or spec.frames <= 0:
     raise ValueError(f"need num_videos > 0 and frames > 0, got {spec}")
+  _claim_folder(out)
+  (out / COMPLETE_MARKER).unlink(missing_ok=True)
   (out / "videos").mkdir(parents=True, exist_ok=True)
   (out / "metas").mkdir(parents=True, exist_ok=True)
   captions = []
@@ -162,7 +187,7 @@ def make_sample_dataset(
       ((c, toy_text_embedding(c, spec.text_tokens, spec.text_width, seed=spec.seed)) for c in distinct),
       encoder=TOY_ENCODER,
   )
-  marker.write_text("ok\n")
+  (out / COMPLETE_MARKER).write_text("ok\n")
   _log.info("wrote a sample dataset of %d videos to %s", spec.num_videos, out)
   return out
 
@@ -182,10 +207,26 @@ def spec_for_config(config, **overrides) -> SampleSpec:
   return SampleSpec(**fields)
 
 
-def ensure_sample_dataset(config, **overrides) -> pathlib.Path:
-  """Makes the sample dataset at ``config.data.dataset_dir`` for the toy config if it is absent."""
-  return make_sample_dataset(
-      config.data.dataset_dir,
-      spec_for_config(config, **overrides),
-      embeddings_dir=config.data.get("embeddings_dir", "") or None,
-  )
+def _same_folder(a: str, b: str) -> bool:
+  return bool(a) and bool(b) and os.path.abspath(a) == os.path.abspath(b)
+
+
+def ensure_sample_dataset(config, **overrides) -> pathlib.Path | None:
+  """Makes the sample dataset in ``config.data.sample_dataset_dir`` when a split reads from it.
+
+  With ``data.make_sample_dataset``, the synthetic clips go only into their own folder
+  (``data.sample_dataset_dir``), and only when ``data.dataset_dir`` or ``data.val_dataset_dir`` is
+  that folder: a dataset folder named by the user is read, never written. The embeddings go into
+  the sample folder's own ``text_embeddings/`` (never a store named by ``data.embeddings_dir``).
+  Returns the folder, or None when no split reads from it.
+  """
+  d = config.data
+  folder = str(d.get("sample_dataset_dir", "") or "")
+  if not d.get("make_sample_dataset", False) or not folder:
+    return None
+  if not (_same_folder(folder, d.dataset_dir) or _same_folder(folder, d.get("val_dataset_dir", ""))):
+    return None
+  try:
+    return make_sample_dataset(folder, spec_for_config(config, **overrides))
+  except NotASampleDatasetFolder as err:
+    raise NotASampleDatasetFolder(f"data.sample_dataset_dir={err}") from err

@@ -10,17 +10,21 @@ One checkpoint = one step folder ``<job>/checkpoints/<step>/`` holding three ite
 * ``meta``: JSON with the step, the base RNG seed and the resolved config, for humans and tools.
 
 Orbax writes each step to a temporary folder and renames it when complete, so a killed run never
-leaves a half-written checkpoint that a restart would pick up.
+leaves a half-written checkpoint that a restart would pick up. A complete one can still go bad later
+(a full disk, a copy cut short): :mod:`v2w_jax.training.resume` reads the metadata described here
+before restoring, and moves an unusable step folder aside with :meth:`Checkpointer.move_aside`.
 """
 
 from __future__ import annotations
 
+import json
 import pathlib
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 
 class Checkpointer:
@@ -65,6 +69,39 @@ class Checkpointer:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     return restored["state"], restored["meta"]
+
+  def step_dir(self, step: int) -> pathlib.Path:
+    return self.directory / str(step)
+
+  def saved_state_tree(self, step: int) -> Any:
+    """The saved state's tree of orbax ``ArrayMetadata`` (shape, dtype per leaf), read without restoring.
+
+    Raises whatever orbax raises for a step whose ``state/_METADATA`` is missing or unreadable.
+    """
+    meta = ocp.StandardCheckpointHandler().metadata(epath.Path(self.step_dir(step) / "state"))
+    return getattr(meta, "tree", meta)
+
+  def saved_meta(self, step: int) -> dict | None:
+    """The step's ``meta`` item (step, seed, resolved config) as written by :meth:`save`, or None."""
+    try:
+      return json.loads((self.step_dir(step) / "meta" / "metadata").read_text())
+    except (OSError, ValueError):
+      return None
+
+  def move_aside(self, step: int) -> pathlib.Path:
+    """Renames an unusable step folder to ``<step>.corrupt[-N]`` (kept for inspection, no longer a step)."""
+    src = self.step_dir(step)
+    dst = src.with_name(f"{step}.corrupt")
+    n = 1
+    while dst.exists():
+      n += 1
+      dst = src.with_name(f"{step}.corrupt-{n}")
+    src.rename(dst)
+    return dst
+
+  def reload(self) -> None:
+    """Re-reads the list of steps from disk (after :meth:`move_aside`)."""
+    self._manager.reload()
 
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are on disk."""
