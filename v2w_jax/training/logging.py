@@ -2,11 +2,16 @@
 
 Only process 0 writes. wandb runs offline by default (``config.wandb.mode``), so a run needs no
 account; ``wandb sync <job>/wandb/offline-run-*`` uploads it later. ``mode="disabled"`` turns it off.
+
+A resumed run first drops the rows a killed run wrote after its last checkpoint (they are logged
+again), so ``metrics.jsonl`` holds one row per step and kind. The ETA counts only steps after the
+first one of the run, whose time is mostly compilation.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import sys
 import time
@@ -33,13 +38,16 @@ class MetricLogger:
     self.enabled = jax.process_index() == 0
     self.total_steps = total_steps
     self._start_step = start_step
-    self._start_time = time.monotonic()
+    self._eta_origin: tuple[int, float] | None = None  # (step, time) at the end of the run's first step
     self._jsonl = None
     self._wandb = None
     if not self.enabled:
       return
     job_dir.mkdir(parents=True, exist_ok=True)
-    self._jsonl = open(job_dir / "metrics.jsonl", "a", buffering=1)
+    path = job_dir / "metrics.jsonl"
+    if path.exists():
+      keep_rows_up_to(path, start_step if start_step > 0 else -1)
+    self._jsonl = open(path, "a", buffering=1)
     if config.wandb.mode != "disabled":
       import wandb  # imported lazily: start-up cost and optional network use
 
@@ -64,17 +72,27 @@ class MetricLogger:
     if self._wandb is not None:
       self._wandb.log(row, step=step)
 
+  def step_done(self, step: int) -> None:
+    """Called after every train step; the first call of the run starts the ETA clock."""
+    if self._eta_origin is None:
+      self._eta_origin = (step, time.monotonic())
+
+  def eta_seconds(self, step: int) -> float | None:
+    """Time left at the pace of the steps after the run's first one (None before there are any)."""
+    if self._eta_origin is None or step <= self._eta_origin[0]:
+      return None
+    first, t0 = self._eta_origin
+    return (self.total_steps - step) * (time.monotonic() - t0) / (step - first)
+
   def progress(self, step: int, metrics: Mapping[str, Any]) -> None:
     """One human-readable line: step, percentage, ETA and the main metrics."""
     if not self.enabled:
       return
-    done = step - self._start_step
-    elapsed = time.monotonic() - self._start_time
-    remaining = (self.total_steps - step) * elapsed / max(done, 1)
+    eta = self.eta_seconds(step)
     filled = int(_BAR_WIDTH * step / max(self.total_steps, 1))
     bar = "#" * filled + "." * (_BAR_WIDTH - filled)
     parts = [f"[{bar}] step {step}/{self.total_steps} ({100.0 * step / self.total_steps:5.1f}%)",
-             f"eta {_fmt_duration(remaining)}"]
+             f"eta {_fmt_duration(eta) if eta is not None else '--:--:--'}"]
     for k, v in metrics.items():
       v = _scalar(v)
       parts.append(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}")
@@ -91,6 +109,21 @@ class MetricLogger:
       self._jsonl.close()
     if self._wandb is not None:
       self._wandb.finish()
+
+
+def keep_rows_up_to(path: pathlib.Path, last_step: int) -> None:
+  """Rewrites the JSON-lines file ``path`` (atomically) without rows after ``last_step`` or broken rows."""
+  kept = []
+  for line in path.read_text().splitlines():
+    try:
+      row = json.loads(line)
+    except ValueError:  # a row cut short by a kill
+      continue
+    if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= last_step:
+      kept.append(line)
+  tmp = path.with_name(f".{path.name}.tmp")
+  tmp.write_text("".join(f"{line}\n" for line in kept))
+  os.replace(tmp, path)
 
 
 def _fmt_duration(seconds: float) -> str:

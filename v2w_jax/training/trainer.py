@@ -1,8 +1,10 @@
 """The post-training loop: config -> mesh -> data -> state -> steps, checkpoints, logs, samples.
 
-Read top to bottom (big_vision style): each section is one concern. Resume order is
-job checkpoint > ``checkpoint.load_path`` (model weights only) > random init, so a preempted or
-killed job restarts with the same command.
+Read top to bottom (big_vision style): each section is one concern. The cheap checks come first
+(mesh, then every data file), before the VAE and the model are built; the job's ``config.json`` is
+written only once the settings are known to work with the job's checkpoints. Resume order is the
+job's newest intact checkpoint > ``checkpoint.load_path`` (model weights only) > random init, so a
+preempted or killed job restarts with the same command.
 """
 
 from __future__ import annotations
@@ -35,12 +37,17 @@ from v2w_jax.training import checkpoint as ckpt_lib
 from v2w_jax.training import flops as flops_lib
 from v2w_jax.training import logging as log_lib
 from v2w_jax.training import optim as optim_lib
+from v2w_jax.training import resume as resume_lib
 from v2w_jax.training import samples as samples_lib
 from v2w_jax.training import state as state_lib
 from v2w_jax.training import step as step_lib
 from v2w_jax.training.preemption import PreemptionGuard
 
 _log = logging.getLogger(__name__)
+
+
+# The progress line: iter_s is the whole iteration (data wait + VAE encode + train step).
+PROGRESS_FIELDS = ("loss", "lr", "grad_norm", "iter_s", "step_s", "vae_s", "data_wait_s")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -116,6 +123,15 @@ def build_state(config, mesh, model: Model, tx):
   return abstract_state, state_sh, initial_state
 
 
+def validate_clip_shape(config) -> None:
+  """``data.video_size`` is (height, width), each a multiple of the VAE's 8 x the DiT's patch size."""
+  size = tuple(config.data.video_size)
+  multiple = 8 * int(config.model.patch_spatial)
+  if len(size) != 2 or not all(isinstance(s, int) and s > 0 and s % multiple == 0 for s in size):
+    raise ValueError(f"data.video_size={size}: expected (height, width), each a positive multiple of {multiple} "
+                     f"(8 for the VAE x model.patch_spatial), e.g. --config.data.video_size='(704,1280)'")
+
+
 def validate_mesh(config, mesh, dit_cfg: DiTConfig) -> None:
   """Start-up checks that would otherwise fail deep inside compilation."""
   data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -131,6 +147,60 @@ def validate_mesh(config, mesh, dit_cfg: DiTConfig) -> None:
     t = 1 + (int(config.data.num_frames) - 1) // 4
     h, w = (int(s) // 8 for s in config.data.video_size)
     context_attention.validate_context_parallel(dit_cfg, mesh, latent_thw=(t, h, w))
+
+
+def open_data(config) -> tuple[dataset_lib.VideoBatchIterator, list[dict]]:
+  """The training iterator and the fixed validation batches, every file checked (cheap: no model yet).
+
+  Makes the synthetic sample dataset first when the config asks for it (only in its own folder,
+  ``data.sample_dataset_dir``). A dataset folder that does not exist is an error naming the field.
+  """
+  sample_dataset.ensure_sample_dataset(config)
+  run_validation = bool(config.trainer.run_validation) and bool(config.data.get("val_dataset_dir", ""))
+  fields = ("dataset_dir", "val_dataset_dir") if run_validation else ("dataset_dir",)
+  for field in fields:
+    folder = str(config.data.get(field, ""))
+    if not pathlib.Path(folder).is_dir():
+      raise dataset_lib.DataError(
+          f"data.{field}={folder}: the dataset folder does not exist (expected DATASET/videos/*.mp4, "
+          f"DATASET/metas/*.txt and their text embeddings); set --config.data.{field}")
+  data_iter = dataset_lib.make_loader(config, split="train")
+  val_batches: list[dict] = []
+  if run_validation:  # read (and checked) once, kept on the host: the same batches every evaluation
+    val_iter = dataset_lib.make_loader(config, split="val")
+    val_batches.extend(next(val_iter) for _ in range(int(config.trainer.get("validation_batches", 2))))
+    val_iter.close()
+  return data_iter, val_batches
+
+
+def resume_or_init(config, mesh, model: Model, tx, data_iter, workdir: pathlib.Path):
+  """(state, start step, state shardings, checkpointer): the job's newest intact checkpoint, else a new state.
+
+  The checkpoint is checked against the model before anything is restored (a changed model is a
+  :class:`resume.IncompatibleCheckpoint`); ``data_iter`` continues where the checkpoint left it.
+  """
+  abstract_state, state_sh, initial_state = build_state(config, mesh, model, tx)
+  checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep,
+                                       async_save=config.checkpoint.async_save)
+  try:
+    restored = resume_lib.restore_newest_intact(checkpointer, abstract_state, data_iter, config=config, job=workdir)
+    if restored is None:
+      return initial_state(), 0, state_sh, checkpointer
+  except BaseException:
+    checkpointer.close()
+    raise
+  _log.info("resumed from %s", checkpointer.step_dir(restored.step))
+  return restored.state, restored.step, state_sh, checkpointer
+
+
+def write_config_json(workdir: pathlib.Path, config) -> None:
+  """``<job>/config.json``, replaced atomically (a kill never leaves half a file)."""
+  if jax.process_index() != 0:
+    return
+  workdir.mkdir(parents=True, exist_ok=True)
+  tmp = workdir / ".config.json.tmp"
+  tmp.write_text(config.to_json_best_effort(indent=2))
+  os.replace(tmp, workdir / "config.json")
 
 
 def _host_metrics(metrics: dict) -> dict[str, float]:
@@ -160,34 +230,24 @@ def oom_hint(err: Exception) -> MemoryError | None:
 
 def train(config) -> dict[str, Any]:
   """Runs (or resumes) the job; returns a summary (final step, last metrics, job folder)."""
-  # ---- Job folder, mesh, model -----------------------------------------------------------------
+  # ---- Cheap checks first: mesh, then every data file (nothing built or written yet) -----------
   workdir = job_dir(config)
-  if jax.process_index() == 0:
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
   mesh = mesh_lib.make_mesh(config.mesh)
   _log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), jax.device_count(),
             jax.process_count())
-  validate_mesh(config, mesh, dit_config(config))  # cheap checks before anything compiles
-  model = build_model(config, mesh, workdir / "random_vae")
+  validate_clip_shape(config)
+  validate_mesh(config, mesh, dit_config(config))
+  data_iter, val_batches = open_data(config)
 
-  # ---- Data: checked at start (every bad file named), host-local batches -------------------------
-  if config.data.get("make_sample_dataset", False):
-    sample_dataset.ensure_sample_dataset(config)
-  data_iter = dataset_lib.make_loader(config, split="train")
-
-  # ---- State: resume > load_path > random ------------------------------------------------------
-  tx = optim_lib.make_optimizer(config)
-  abstract_state, state_sh, initial_state = build_state(config, mesh, model, tx)
-  checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep,
-                                       async_save=config.checkpoint.async_save)
-  start = checkpointer.latest_step()
-  if start is not None:
-    state, _ = checkpointer.restore(start, abstract_state, data_iter)
-    _log.info("resumed from %s/checkpoints/%d", workdir, start)
-  else:
-    state = initial_state()
-    start = 0
+  # ---- Model; state: resume (newest intact checkpoint) > load_path > random --------------------
+  try:
+    model = build_model(config, mesh, workdir / "random_vae")
+    tx = optim_lib.make_optimizer(config)
+    state, start, state_sh, checkpointer = resume_or_init(config, mesh, model, tx, data_iter, workdir)
+  except BaseException:
+    data_iter.close()
+    raise
+  write_config_json(workdir, config)  # the settings work (and fit the job's checkpoints)
   base_rng = jax.random.key(config.seed)
 
   # ---- Steps -----------------------------------------------------------------------------------
@@ -214,14 +274,8 @@ def train(config) -> dict[str, Any]:
     meta = {"step": step, "seed": int(config.seed), "config": json.loads(config.to_json_best_effort())}
     checkpointer.save(step, state, data_iter, meta, force=force)
 
-  val_batches: list[dict] = []
-
   def validate() -> dict[str, float]:
     """EMA loss at fixed timesteps on the first batches of the validation set (the same each time)."""
-    if not val_batches:  # read (and checked) once, then kept on the host
-      val_iter = dataset_lib.make_loader(config, split="val")
-      val_batches.extend(next(val_iter) for _ in range(int(config.trainer.get("validation_batches", 2))))
-      val_iter.close()
     params = state.ema_params if state.ema_params is not None else state.params
     totals: dict[str, list[float]] = {}
     for i, host_batch in enumerate(val_batches):
@@ -235,7 +289,7 @@ def train(config) -> dict[str, Any]:
   logger = log_lib.MetricLogger(workdir, config, total_steps=max_iter, start_step=start)
   sampler = samples_lib.SampleWriter(config, model, mesh, workdir, logger)
   sample_iter = int(config.trainer.get("sample_iter", 0))
-  run_validation = bool(config.trainer.run_validation) and bool(config.data.get("val_dataset_dir", ""))
+  run_validation = bool(val_batches)
   if run_validation and start == 0:
     logger.log(0, validate(), prefix="val")  # the baseline the validation curve starts from
   window: list[dict[str, float]] = []
@@ -243,6 +297,7 @@ def train(config) -> dict[str, Any]:
   step = start
   metrics: dict[str, float] = {}
   last_saved = start if checkpointer.latest_step() == start else None
+  preempted = None  # the signal's name when SIGTERM/SIGINT stopped the run early
   try:
     with PreemptionGuard() as guard:
       while step < max_iter:
@@ -262,11 +317,12 @@ def train(config) -> dict[str, Any]:
           raise hint from err
         t3 = time.perf_counter()
         step += 1
+        logger.step_done(step)
         if not np.isfinite(m["loss"]):
           raise NonFiniteLossError(
               f"non-finite loss {m['loss']} at step {step}; the last good checkpoint "
               f"({checkpointer.latest_step()}) is kept in {workdir / 'checkpoints'}")
-        m.update(data_wait_s=t1 - t0, vae_s=t2 - t1, step_s=t3 - t2)
+        m.update(data_wait_s=t1 - t0, vae_s=t2 - t1, step_s=t3 - t2, iter_s=t3 - t0)
         window.append(m)
         if step % int(config.trainer.logging_iter) == 0 or step == max_iter:
           metrics = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
@@ -279,7 +335,7 @@ def train(config) -> dict[str, Any]:
           if peak:
             metrics["mfu"] = tflops * 1e12 / peak
           logger.log(step, metrics)
-          logger.progress(step, {k: metrics[k] for k in ("loss", "lr", "grad_norm", "step_s", "data_wait_s")})
+          logger.progress(step, {k: metrics[k] for k in PROGRESS_FIELDS})
           window = []
         if step % int(config.trainer.save_iter) == 0 or guard.requested:
           save(step)
@@ -290,10 +346,11 @@ def train(config) -> dict[str, Any]:
           sampler.write(step, state, host_batch)
         if guard.requested:
           _log.warning("%s received: saved step %d, exiting", guard.signal_name, step)
+          preempted = guard.signal_name
           break
     if last_saved != step:
       save(step, force=True)
   finally:
     checkpointer.close()
     logger.close()
-  return {"step": step, "metrics": metrics, "job_dir": str(workdir)}
+  return {"step": step, "metrics": metrics, "job_dir": str(workdir), "preempted": preempted}
