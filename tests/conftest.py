@@ -31,6 +31,20 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 
+def make_users_dataset(root: pathlib.Path) -> pathlib.Path:
+  """A user's own dataset folder: one clip and its caption (the bytes are not a real video)."""
+  (root / "videos").mkdir(parents=True)
+  (root / "metas").mkdir()
+  (root / "videos" / "sample_0000.mp4").write_bytes(b"my own clip")
+  (root / "metas" / "sample_0000.txt").write_text("my own caption")
+  return root
+
+
+def file_snapshot(root: pathlib.Path) -> dict[pathlib.Path, bytes]:
+  """Every file under ``root`` with its bytes: equal snapshots = nothing written, added or removed."""
+  return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
 def fixtures_root() -> pathlib.Path:
   return pathlib.Path(os.environ.get("V2W_FIXTURES", REPO_ROOT.parent / "shared" / "fixtures"))
 

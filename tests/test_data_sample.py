@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
+from conftest import file_snapshot, make_users_dataset
 from tools import create_prompts
 from v2w_jax.data import check as check_lib
 from v2w_jax.data import dataset as dataset_lib
@@ -26,7 +27,7 @@ def test_render_is_deterministic_and_moving():
 
 def test_tiny_sample_dataset_is_usable_and_deterministic(tmp_path):
   c = tiny.get_config()
-  c.data.dataset_dir = str(tmp_path / "a")
+  c.data.dataset_dir = c.data.sample_dataset_dir = str(tmp_path / "a")
   root = sd.ensure_sample_dataset(c)
   report = check_lib.check_dataset(root, c)
   assert report.ok and report.num_videos >= 2, report.format()
@@ -50,6 +51,49 @@ def test_tiny_sample_dataset_is_usable_and_deterministic(tmp_path):
   stamp = videos[0].stat().st_mtime_ns
   sd.ensure_sample_dataset(c)
   assert videos[0].stat().st_mtime_ns == stamp
+
+
+def test_sample_dataset_never_written_into_a_users_dataset_folder(tmp_path):
+  users = make_users_dataset(tmp_path / "mine")
+  before = file_snapshot(users)
+  c = tiny.get_config()
+  c.data.sample_dataset_dir = str(tmp_path / "sample")
+  c.data.dataset_dir = str(users)  # the tiny config with the user's folder: read it, never write it
+  c.data.val_dataset_dir = str(users)
+  c.data.embeddings_dir = str(users / "text_embeddings")
+  assert sd.ensure_sample_dataset(c) is None
+  assert file_snapshot(users) == before and not (tmp_path / "sample").exists()
+  # Named as the sample folder itself, a folder of other files is refused, untouched.
+  c.data.sample_dataset_dir = str(users)
+  with pytest.raises(sd.NotASampleDatasetFolder, match=r"data\.sample_dataset_dir=.*mine: the folder holds files"):
+    sd.ensure_sample_dataset(c)
+  with pytest.raises(sd.NotASampleDatasetFolder):
+    sd.make_sample_dataset(users, sd.spec_for_config(c), overwrite=True)
+  assert file_snapshot(users) == before
+
+
+def test_sample_dataset_goes_to_its_own_folder_with_its_own_embeddings(tmp_path):
+  c = tiny.get_config()
+  c.data.sample_dataset_dir = c.data.val_dataset_dir = str(tmp_path / "sample")
+  c.data.dataset_dir = str(tmp_path / "mine")  # does not exist: not created (the trainer reports it)
+  c.data.embeddings_dir = str(tmp_path / "store")
+  root = sd.ensure_sample_dataset(c)  # validation reads the sample folder: it is made there
+  assert root == tmp_path / "sample" and (root / "text_embeddings" / "index.json").is_file()
+  assert not (tmp_path / "mine").exists() and not (tmp_path / "store").exists()
+  # An interrupted build (marker, no .complete) is ours to finish; an empty folder is fine too.
+  (root / sd.COMPLETE_MARKER).unlink()
+  assert sd.make_sample_dataset(root, sd.spec_for_config(c)) == root and (root / sd.COMPLETE_MARKER).is_file()
+  (tmp_path / "empty").mkdir()
+  sd.make_sample_dataset(tmp_path / "empty", sd.SampleSpec(num_videos=1, frames=4, height=16, width=16))
+
+
+def test_make_sample_dataset_cli_refuses_a_users_folder(tmp_path, repo_root):
+  users = make_users_dataset(tmp_path / "mine")
+  before = file_snapshot(users)
+  proc = subprocess.run([sys.executable, "tools/make_sample_dataset.py", str(users), "--overwrite"],
+                        cwd=repo_root, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2 and proc.stderr.startswith("error: ") and len(proc.stderr.splitlines()) == 1, proc.stderr
+  assert file_snapshot(users) == before
 
 
 def test_toy_encoder_looks_like_the_real_pipeline():
