@@ -6,7 +6,8 @@ last frame of each clip is decoded too, which catches files truncated after a fr
 
     python -m v2w_jax.data.check DATASET --config=configs/tiny.py [--decode]
 
-Exit status 0 when every file is usable, 1 otherwise. The trainer calls :func:`check_dataset`
+Exit status 0 when every file is usable, 1 otherwise, 2 for a mistake in the command (a missing
+folder or config file: one ``error:`` line). The trainer calls :func:`check_dataset`
 at start (``data.check_at_start``) and either stops with the report or, with
 ``data.skip_bad_files``, leaves the bad files out and reports their number.
 """
@@ -128,25 +129,23 @@ def check_dataset(
   return CheckReport(str(dataset_dir), len(videos), problems, num_captions=len(captions))
 
 
-def main(argv: list[str]) -> int:
-  from absl import flags  # pylint: disable=import-outside-toplevel
+def main(argv: list[str], config: Any, decode: bool) -> int:
+  from v2w_jax.user_errors import report as report_error  # pylint: disable=import-outside-toplevel
 
-  cfg = flags.FLAGS.config
-  dataset_dir = argv[1] if len(argv) > 1 else cfg.data.dataset_dir
+  dataset_dir = argv[1] if len(argv) > 1 else config.data.dataset_dir
   try:
-    report = check_dataset(dataset_dir, cfg, decode=flags.FLAGS.decode)
+    report = check_dataset(dataset_dir, config, decode=decode)
   except dataset_lib.DataError as e:
-    print(f"ERROR {e}", file=sys.stderr)
-    return 1
+    return report_error(e)
   print(report.format())
   return 0 if report.ok else 1
 
 
 if __name__ == "__main__":
   from absl import app, flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
-  config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
-  flags.DEFINE_bool("decode", False, "also decode the last frame of every clip (slower)")
-  flags.mark_flags_as_required(["config"])
-  app.run(lambda argv: sys.exit(main(argv)))
+  from v2w_jax.config_cli import ConfigFlag  # pylint: disable=g-import-not-at-top
+
+  _CONFIG = ConfigFlag(None, "experiment config file", doc=__doc__)
+  _DECODE = flags.DEFINE_bool("decode", False, "also decode the last frame of every clip (slower)")
+  app.run(lambda argv: sys.exit(main(argv, _CONFIG.value, _DECODE.value)), flags_parser=_CONFIG.flags_parser)
