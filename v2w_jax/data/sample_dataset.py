@@ -224,8 +224,12 @@ def ensure_sample_dataset(config, **overrides) -> pathlib.Path | None:
   folder = str(d.get("sample_dataset_dir", "") or "")
   if not d.get("make_sample_dataset", False) or not folder:
     return None
-  if not (_same_folder(folder, d.dataset_dir) or _same_folder(folder, d.get("val_dataset_dir", ""))):
+  trains_on_it = _same_folder(folder, d.dataset_dir)
+  if not (trains_on_it or _same_folder(folder, d.get("val_dataset_dir", ""))):
     return None
+  if not trains_on_it:
+    _log.warning("training on %s but validating on the synthetic sample dataset %s: set "
+                 "--config.data.val_dataset_dir (or --config.trainer.run_validation=False)", d.dataset_dir, folder)
   try:
     return make_sample_dataset(folder, spec_for_config(config, **overrides))
   except NotASampleDatasetFolder as err:
