@@ -83,6 +83,8 @@ def _first_line(err: BaseException) -> str:
 
 
 def _unreadable(step_dir: pathlib.Path, err: BaseException) -> str:
+  if not (step_dir / "state").is_dir():
+    return "its state/ folder is missing"
   if not (step_dir / "state" / "_METADATA").is_file():
     return "state/_METADATA is missing"
   return f"its state metadata does not read ({_first_line(err)})"
