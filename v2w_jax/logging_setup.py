@@ -1,6 +1,6 @@
 """Console logging of the entry points: this project's messages, not the libraries' start-up chatter.
 
-Called once by an entry point such as ``python -m v2w_jax.generate`` (never by library code):
+Called once by ``python -m v2w_jax.train`` and ``python -m v2w_jax.generate`` (never by library code):
 INFO for ``v2w_jax``, WARNING and above for the libraries whose INFO lines say nothing a user acts
 on -- orbax's handler set-up (logged through absl's logger), JAX's backend probing ("Unable to
 initialize backend 'tpu'" on every machine without one), grain's worker start-up.

@@ -10,13 +10,11 @@ Exit status: 0 done (``trainer.max_iter`` reached); 1 training failed (non-finit
 
 from __future__ import annotations
 
-import logging
-import sys
-
 from absl import app
 
 from v2w_jax import config_cli
 from v2w_jax import user_errors
+from v2w_jax.logging_setup import setup_logging
 from v2w_jax.parallel import distributed
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: not finished, saved; a scheduler should run it again
@@ -33,10 +31,7 @@ def main(argv: list[str]) -> int:
   from v2w_jax.data.dataset import DataError  # pylint: disable=import-outside-toplevel
   from v2w_jax.training import trainer  # pylint: disable=import-outside-toplevel
 
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                      stream=sys.stderr)
-  for noisy in ("absl", "jax._src", "orbax", "grain"):
-    logging.getLogger(noisy).setLevel(logging.WARNING)
+  setup_logging()
   config = _CONFIG.value
   if jax.process_index() == 0:
     print(f"v2w-jax: job {config.job.project}/{config.job.group}/{config.job.name}, "
