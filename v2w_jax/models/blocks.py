@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from v2w_jax.models.attention import dot_product_attention
 from v2w_jax.models.dit_config import DiTConfig
 from v2w_jax.models.embeddings import apply_rope
-from v2w_jax.models.layers import AdaLNModulation, RMSNorm, dense, layer_norm, modulate
+from v2w_jax.models.layers import AdaLNModulation, RMSNorm, dense, gated_residual, modulate
 from v2w_jax.parallel import rules as R
 
 # Logical names of the residual stream [B, T', H', W', D]: batch over data/fsdp, frames over context.
@@ -104,18 +104,18 @@ class Block(nn.Module):
     hid = modulate(x, shift, scale).reshape(b, t * h * w, d)
     attn = Attention(cfg, cross=False, name="self_attn")(hid, None, rope_cos, rope_sin)
     self.sow("intermediates", "self_attn_out", attn)
-    x = x + gate * attn.reshape(b, t, h, w, d)
+    x = gated_residual(x, gate, attn.reshape(b, t, h, w, d))
 
     shift, scale, gate = self._modulation("adaln_modulation_cross_attn", t_emb, adaln_lora)
     hid = modulate(x, shift, scale).reshape(b, t * h * w, d)
     attn = Attention(cfg, cross=True, name="cross_attn")(hid, context, None, None)
     self.sow("intermediates", "cross_attn_out", attn)
-    x = x + gate * attn.reshape(b, t, h, w, d)
+    x = gated_residual(x, gate, attn.reshape(b, t, h, w, d))
 
     shift, scale, gate = self._modulation("adaln_modulation_mlp", t_emb, adaln_lora)
     mlp = MLP(cfg, name="mlp")(modulate(x, shift, scale))
     self.sow("intermediates", "mlp_out", mlp)
-    x = x + gate * mlp
+    x = gated_residual(x, gate, mlp)
 
     x = nn.with_logical_constraint(x, X_NAMES, rules=cfg.logical_axis_rules)
     self.sow("intermediates", "out", x)
@@ -136,7 +136,7 @@ class FinalLayer(nn.Module):
     self.sow("intermediates", "adaln_noLoRA", m)
     m = m + adaln_lora[..., : 2 * d]
     shift, scale = jnp.split(m, 2, axis=-1)
-    hid = layer_norm(x, dtype=jnp.float32) * (1 + _per_frame(scale)) + _per_frame(shift)
+    hid = modulate(x.astype(jnp.float32), _per_frame(shift), _per_frame(scale))
     y = dense(cfg.patch_out_features, (R.EMBED, R.PATCH), dtype=jnp.float32,
               param_dtype=cfg.jnp_param_dtype, name="linear")(hid)
     self.sow("intermediates", "out", y)

@@ -19,18 +19,60 @@ Names = tuple[str | None, ...]
 _KERNEL_INIT = nn.initializers.lecun_normal()
 
 
+def broadcast_fp32_grad(v: jnp.ndarray, shape: tuple[int, ...]) -> jnp.ndarray:
+  """``broadcast_to(v, shape)`` in v's dtype whose gradient accumulates in float32.
+
+  The gradient of a broadcast is a sum over the broadcast axes. JAX sums in the operand's dtype, and
+  a bf16 sum over thousands of tokens keeps only a few correct digits; PyTorch accumulates bf16 sums
+  in float32. Broadcasting in float32 and rounding back gives the same forward values (the round
+  trip is exact) and makes the backward sum ``convert → reduce`` in float32, which XLA fuses into
+  the reduction: no token-sized float32 buffer is written.
+  """
+  return jnp.broadcast_to(v.astype(jnp.float32), shape).astype(v.dtype)
+
+
 def dense(features: int, names: Names, *, dtype: Any, param_dtype: Any, use_bias: bool = False,
-          name: str | None = None, kernel_init: Any = _KERNEL_INIT) -> nn.Dense:
-  """``nn.Dense`` with a logically partitioned kernel ``[in, out]`` (and bias ``[out]``)."""
+          name: str | None = None, kernel_init: Any = _KERNEL_INIT) -> nn.Module:
+  """A dense layer with a logically partitioned kernel ``[in, out]`` (and bias ``[out]``).
+
+  Without bias this is ``nn.Dense``; with bias it is :class:`BiasedDense` (same parameters and
+  forward, float32-accumulated bias gradient).
+  """
+  if use_bias:
+    return BiasedDense(features, names, dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init,
+                       name=name)
   return nn.Dense(
       features,
-      use_bias=use_bias,
+      use_bias=False,
       dtype=dtype,
       param_dtype=param_dtype,
       kernel_init=nn.with_logical_partitioning(kernel_init, names),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), names[1:]),
       name=name,
   )
+
+
+class BiasedDense(nn.Module):
+  """``x·kernel + bias`` with the parameters and forward of ``nn.Dense(use_bias=True)``.
+
+  The bias gradient is a sum over every token; here it accumulates in float32
+  (``broadcast_fp32_grad``), as PyTorch's bf16 ``Linear`` does, instead of in the compute dtype.
+  """
+
+  features: int
+  names: Names
+  dtype: Any
+  param_dtype: Any
+  kernel_init: Any = _KERNEL_INIT
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.names),
+                        (x.shape[-1], self.features), self.param_dtype)
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), self.names[1:]),
+                      (self.features,), self.param_dtype)
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                            (((x.ndim - 1,), (0,)), ((), ())))
+    return y + broadcast_fp32_grad(bias.astype(self.dtype), y.shape)
 
 
 def layer_norm(x: jnp.ndarray, eps: float = 1e-6, dtype: Any = None) -> jnp.ndarray:
@@ -82,5 +124,15 @@ class AdaLNModulation(nn.Module):
 
 
 def modulate(x: jnp.ndarray, shift: jnp.ndarray, scale: jnp.ndarray) -> jnp.ndarray:
-  """``LayerNorm(x)·(1+scale) + shift`` in x's dtype (shift/scale already broadcastable)."""
-  return layer_norm(x) * (1 + scale) + shift
+  """``LayerNorm(x)·(1+scale) + shift`` in x's dtype; shift/scale broadcast over the tokens.
+
+  ``shift``/``scale`` are per frame (``[B, Tt, 1, 1, D]`` against ``x [B, T', H', W', D]``); their
+  gradients, sums over the tokens, accumulate in float32 (``broadcast_fp32_grad``).
+  """
+  ln = layer_norm(x)
+  return ln * broadcast_fp32_grad(1 + scale, ln.shape) + broadcast_fp32_grad(shift, ln.shape)
+
+
+def gated_residual(x: jnp.ndarray, gate: jnp.ndarray, y: jnp.ndarray) -> jnp.ndarray:
+  """``x + gate·y`` with a per-frame gate broadcast over the tokens (float32-accumulated gradient)."""
+  return x + broadcast_fp32_grad(gate, y.shape) * y
