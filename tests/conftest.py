@@ -78,6 +78,60 @@ def load_fixture_npz(fixtures_dir: pathlib.Path) -> Callable[[str], dict[str, np
 
 
 @pytest.fixture(scope="session")
+def load_fixture_json(fixtures_dir: pathlib.Path) -> Callable[[str], dict]:
+  """``load_fixture_json("samplers/metrics.json")``: a JSON file of the fixtures folder (e.g. the measured
+  reference errors that tolerances derive from); a missing file fails the test that asks for it."""
+
+  def load(rel: str) -> dict:
+    path = fixtures_dir / rel
+    if not path.is_file():
+      pytest.fail(f"missing fixture {path}")
+    return json.loads(path.read_text())
+
+  return load
+
+
+def fixture_npz_keys(rel: str) -> list[str]:
+  """Array names of a golden ``.npz``, read at collection time to parametrize tests ([] if it is missing;
+  the tests that load the file then fail naming it)."""
+  path = fixtures_root() / rel
+  if not path.is_file():
+    return []
+  with np.load(path) as z:
+    return list(z.files)
+
+
+def sampler_runs(keys) -> list[str]:
+  """Run names of a sampler fixture (samplers/README): each run stores its settings as ``<run>_guidance``,
+  ``<run>_num_steps``, ...; the names themselves mean nothing."""
+  return sorted(k[: -len("_guidance")] for k in keys if k.endswith("_guidance"))
+
+
+def run_arrays(data: dict[str, np.ndarray], run: str) -> dict[str, np.ndarray]:
+  """The arrays of one sampler run, without the ``<run>_`` prefix."""
+  prefix = run + "_"
+  return {k[len(prefix):]: v for k, v in data.items() if k.startswith(prefix)}
+
+
+def pick_run(data: dict[str, np.ndarray], what: str, where: Callable[[dict[str, np.ndarray]], bool],
+             key: Callable[[dict[str, np.ndarray]], float] | None = None) -> str:
+  """The run whose settings satisfy ``where`` (the smallest by ``key``, else the first by name); a fixture
+  without one fails the test, saying what kind of run it needs."""
+  runs = [r for r in sampler_runs(data) if where(run_arrays(data, r))]
+  if not runs:
+    pytest.fail(f"the fixture has no run {what} (runs: {sampler_runs(data)})")
+  return min(runs, key=lambda r: key(run_arrays(data, r))) if key else runs[0]
+
+
+def closed_form_run(data: dict[str, np.ndarray]) -> str:
+  """The run whose exact endpoint is ``gauss_analytic`` (samplers/README: guidance 0, no conditional
+  frames, no coupling)."""
+  return pick_run(data, "with a closed-form answer (guidance 0, no conditional frames, no coupling)",
+                  lambda r: float(r["guidance"]) == 0 and int(r["num_cond_frames"]) == 0
+                  and not bool(r["use_coupling"]))
+
+
+@pytest.fixture(scope="session")
 def reference_file() -> Callable[[str], pathlib.Path]:
   """``reference_file(name)``: a file of the reference folder (``$V2W_REFERENCE``, default ``reference/``
   next to the fixtures root); a missing file fails the test that asks for it, naming the path."""

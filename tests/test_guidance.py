@@ -8,6 +8,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
+from conftest import sampler_runs
 from v2w_jax.diffusion import guidance as G
 
 
@@ -21,10 +22,6 @@ def edm(load_fixture_npz):
   return load_fixture_npz("samplers/edm_sampler.npz")
 
 
-def _runs(data):
-  return sorted(k[: -len("_guidance")] for k in data if k.endswith("_guidance"))
-
-
 def test_cfg_forms():
   c, u = jnp.float32(2.0), jnp.float32(0.5)
   assert float(G.cfg_combine(c, u, 7.0)) == 2.0 + 7.0 * 1.5  # video2world: g = 7 ~ classic scale 8
@@ -35,7 +32,7 @@ def test_cfg_forms():
 
 
 def test_rf_guided_velocity_matches_reference(rf):
-  for run in _runs(rf):
+  for run in sampler_runs(rf):
     g = float(rf[f"{run}_guidance"])
     v_c, v_u = jnp.asarray(rf[f"{run}_v_cond"]), jnp.asarray(rf[f"{run}_v_uncond"])
     v = np.asarray(G.cfg_combine(v_c, v_u, g))
@@ -44,7 +41,7 @@ def test_rf_guided_velocity_matches_reference(rf):
 
 
 def test_edm_guided_x0_matches_reference(edm):
-  for run in _runs(edm):
+  for run in sampler_runs(edm):
     g = float(edm[f"{run}_guidance"])
     n = edm[f"{run}_x0pred"].shape[0]
     # The reference combines the float32 branch outputs in float32, then promotes to its float64 state.
@@ -92,7 +89,7 @@ def test_masks_and_replacement():
 
 def test_rf_fixture_velocity_replacement(rf):
   """Reference quirk 4: conditional-frame velocity is n_init - gt at every step, in both branches."""
-  for run in _runs(rf):
+  for run in sampler_runs(rf):
     n = int(rf[f"{run}_num_cond_frames"])
     if n == 0:
       continue
@@ -105,7 +102,7 @@ def test_rf_fixture_velocity_replacement(rf):
 
 
 def test_frame_timesteps_match_reference(rf):
-  for run in _runs(rf):
+  for run in sampler_runs(rf):
     cft = float(rf[f"{run}_conditional_frame_timestep"])
     t = rf[f"{run}_noise"].shape[1]
     m = G.conditional_frame_mask(int(rf[f"{run}_num_cond_frames"]), 1, t)
@@ -116,7 +113,7 @@ def test_frame_timesteps_match_reference(rf):
 
 def test_initial_noise_matches_reference(rf, edm):
   for data in (rf, edm):
-    for run in _runs(data):
+    for run in sampler_runs(data):
       ref = data[f"{run}_noise"]
       got = G.initial_noise((1,) + ref.shape, int(data[f"{run}_seed"]))
       assert got.dtype == jnp.float32

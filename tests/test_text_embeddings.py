@@ -1,4 +1,8 @@
-"""Text embeddings: the store format, and the Reason1 FULL_CONCAT tool against the reference fixture."""
+"""Text embeddings: the store format, and the Reason1 FULL_CONCAT tool against the reference fixture.
+
+Pad lengths, captions and the reference's own bf16 error come from the fixture folder (captions.json,
+fixture_meta.json), so any text_embed folder of the same layout must pass.
+"""
 
 from __future__ import annotations
 
@@ -76,11 +80,21 @@ def test_base_package_imports_without_torch(repo_root):
 # Reason1 tool vs the reference fixture.
 
 
+FP32_MAX_ABS = 1e-4  # fixture README tolerance rule: fp32 tool vs the fp32 / fp64 references
+BF16_MAX_ABS = 0.25  # ... and a bf16 tool vs the bf16 reference, elementwise (kernel changes flip roundings)
+BF16_REL_RMS_FACTOR = 2.0  # ... and its RMS error vs fp64: about twice the reference's own (README)
+
+
 @pytest.fixture(scope="module")
 def fixture(fixtures_dir):
   d = fixtures_dir / "text_embed_tiny"
   caps = json.loads((d / "captions.json").read_text())
   return d, caps, np.load(d / "outputs.npz")
+
+
+def _short_pad(caps) -> int:
+  """The smallest pad length of the fixture (the cheapest to run)."""
+  return min(caps["pad_lengths"])
 
 
 @pytest.fixture(scope="module")
@@ -103,11 +117,12 @@ def test_prompt_and_token_ids_exact(fixture, encoders):
 
 
 def test_width_comes_from_the_model_config(fixture, encoders):
-  d, _, out = fixture
+  d, caps, out = fixture
   cfg = json.loads((d / "config.json").read_text())
   cfg = cfg.get("text_config", cfg)
   enc = encoders["float32"]
-  assert enc.width == cfg["num_hidden_layers"] * cfg["hidden_size"] == out["emb_fp32_p48"].shape[-1]
+  p = _short_pad(caps)
+  assert enc.width == cfg["num_hidden_layers"] * cfg["hidden_size"] == out[f"emb_fp32_p{p}"].shape[-1]
 
 
 def test_fp32_matches_the_reference(fixture, encoders):
@@ -117,12 +132,13 @@ def test_fp32_matches_the_reference(fixture, encoders):
     enc.num_tokens = p
     got = enc.embed(caps["captions"])
     assert got.dtype == np.float32 and got.shape == out[f"emb_fp32_p{p}"].shape
-    assert np.abs(got - out[f"emb_fp32_p{p}"]).max() <= 1e-4
-    assert np.abs(got - out[f"emb_fp64_p{p}"]).max() <= 1e-4
+    assert np.abs(got - out[f"emb_fp32_p{p}"]).max() <= FP32_MAX_ABS
+    assert np.abs(got - out[f"emb_fp64_p{p}"]).max() <= FP32_MAX_ABS
 
 
 def test_bf16_matches_the_reference_statistically(fixture, encoders):
-  _, caps, out = fixture
+  d, caps, out = fixture
+  measured = json.loads((d / "fixture_meta.json").read_text())["errors"]
   enc = encoders["bfloat16"]
   for p in caps["pad_lengths"]:
     enc.num_tokens = p
@@ -131,18 +147,20 @@ def test_bf16_matches_the_reference_statistically(fixture, encoders):
     got = got.astype(np.float32)
     ref64 = out[f"emb_fp64_p{p}"]
     rel = np.sqrt(np.mean((got - ref64) ** 2)) / np.sqrt(np.mean(ref64**2))
-    assert rel <= 0.012
-    assert np.abs(got - out[f"emb_bf16_p{p}"]).max() <= 0.25
+    assert rel <= BF16_REL_RMS_FACTOR * measured[str(p)]["bf16_ref_vs_fp64"]["rel_rms"], (p, rel)
+    assert np.abs(got - out[f"emb_bf16_p{p}"]).max() <= BF16_MAX_ABS
 
 
 def test_pad_rows_are_kept_and_no_mask_is_used(fixture, encoders):
   _, caps, out = fixture
   enc = encoders["float32"]
-  enc.num_tokens = 48
-  got = enc.embed(caps["captions"][:1])
-  n = int(out["n_tokens"][0])
-  assert n < 48
-  np.testing.assert_allclose(got[0, n:], out["emb_fp32_p48"][0, n:], atol=1e-4)  # pad rows, not zeros
+  p = _short_pad(caps)
+  i = next((i for i, n in enumerate(out["n_tokens"]) if n < p), None)
+  assert i is not None, f"no caption of the fixture is shorter than {p} tokens: nothing is padded"
+  enc.num_tokens = p
+  got = enc.embed(caps["captions"][i:i + 1])
+  n = int(out["n_tokens"][i])
+  np.testing.assert_allclose(got[0, n:], out[f"emb_fp32_p{p}"][i, n:], atol=FP32_MAX_ABS)  # pad rows, not zeros
   assert np.abs(got[0, n:]).max() > 0.5
 
 
@@ -151,7 +169,7 @@ def test_tool_writes_a_store_the_loader_reads(fixture, encoders, tmp_path):
 
   _, caps, out = fixture
   enc = encoders["bfloat16"]
-  enc.num_tokens = 48
+  p = enc.num_tokens = _short_pad(caps)
   ds = tmp_path / "ds"
   (ds / "videos").mkdir(parents=True)
   (ds / "metas").mkdir()
@@ -166,8 +184,8 @@ def test_tool_writes_a_store_the_loader_reads(fixture, encoders, tmp_path):
   store = text_lib.TextEmbeddingStore(ds / "text_embeddings")
   assert len(list((ds / "text_embeddings").glob("*.npy"))) == 2
   for i, c in enumerate(caps["captions"][:2]):
-    got = store.load(c, 48, enc.width).astype(np.float32)
-    assert np.abs(got - out["emb_bf16_p48"][i]).max() <= 0.25
+    got = store.load(c, p, enc.width).astype(np.float32)
+    assert np.abs(got - out[f"emb_bf16_p{p}"][i]).max() <= BF16_MAX_ABS
 
 
 def test_tool_adds_the_default_negative_prompt(fixture, encoders, tmp_path):
@@ -179,15 +197,15 @@ def test_tool_adds_the_default_negative_prompt(fixture, encoders, tmp_path):
 
   d, caps, _ = fixture
   enc = encoders["float32"]
-  enc.num_tokens = 48
-  common = [f"--model_dir={d}", "--num_tokens=48", "--dtype=float32", "--device=cpu",
+  p = enc.num_tokens = _short_pad(caps)
+  common = [f"--model_dir={d}", f"--num_tokens={p}", "--dtype=float32", "--device=cpu",
             f"--caption={caps['captions'][0]}"]
   assert tool.main([*common, f"--out_dir={tmp_path / 'with'}"]) == 0
   assert tool.main([*common, f"--out_dir={tmp_path / 'without'}", "--no_negative_prompt"]) == 0
   with_neg = text_lib.TextEmbeddingStore(tmp_path / "with")
   assert sorted(with_neg.captions()) == sorted([caps["captions"][0], DEFAULT_NEGATIVE_PROMPT])
   assert list(text_lib.TextEmbeddingStore(tmp_path / "without").captions()) == [caps["captions"][0]]
-  got = with_neg.load(DEFAULT_NEGATIVE_PROMPT, 48, enc.width)  # the store keeps bf16
+  got = with_neg.load(DEFAULT_NEGATIVE_PROMPT, p, enc.width)  # the store keeps bf16
   want = enc.embed([DEFAULT_NEGATIVE_PROMPT])[0].astype(text_lib.BF16)
   np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
   (tmp_path / "spec.json").write_text(json.dumps({"name": "a", "prompt": caps["captions"][0]}))
