@@ -28,6 +28,7 @@ import argparse
 import concurrent.futures
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -216,29 +217,45 @@ def compare(cfgs: tuple[DiTConfig, DiTConfig], params: Any, shape: tuple[int, in
   }
 
 
+def _temp_gib(compiled: Any) -> float | None:
+  try:
+    return compiled.memory_analysis().temp_size_in_bytes / 2**30
+  except Exception:  # pylint: disable=broad-except  # not every backend reports it
+    return None
+
+
 def run(base: Any, shapes: tuple[tuple[int, int, int], ...], text: int, weights: str | None = None,
-        seed: int = 1) -> dict[str, Any]:
+        seed: int = 1, on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+  """Compiles the 2 x len(shapes) programs in parallel threads (from abstract shapes, while the weights
+  are made), then compares each shape; ``on_progress`` gets the partial result after every shape."""
   cfgs = configs(base)
+  t0 = time.perf_counter()
+  abstract = dit.abstract_params(cfgs[0])
+  pool = concurrent.futures.ThreadPoolExecutor(max_workers=2 * len(shapes))
+  futures = []
+  for shape in shapes:
+    inputs = jax.eval_shape(lambda s=shape: make_inputs(cfgs[0], s, text))
+    futures.append([pool.submit(lower(c, abstract, inputs).compile) for c in cfgs])
   if weights:
     params = jax.device_put(weights_lib.load_dit_params(weights, cfgs[0]))
   else:
     params = jax.device_put(weights_lib.random_dit_params(cfgs[0], seed))
-  t0 = time.perf_counter()
-  lowered = [[lower(c, params, make_inputs(c, s, text)) for c in cfgs] for s in shapes]
-  with concurrent.futures.ThreadPoolExecutor(max_workers=len(shapes) * 2) as pool:
-    futures = [[pool.submit(l.compile) for l in pair] for pair in lowered]
-    compiled = [[f.result() for f in pair] for pair in futures]
-  compile_s = time.perf_counter() - t0
-  results = []
-  for shape, pair in zip(shapes, compiled):
-    r = compare(cfgs, params, shape, text, pair)
+  out = {"config": {"fp32": cfgs[0].dtype, "bf16": cfgs[1].dtype, "remat": cfgs[1].remat_policy,
+                    "attention_bf16": cfgs[1].attention_backend,
+                    "weights": weights or f"synthetic (random_dit_params seed {seed})"},
+         "shapes": []}
+  for shape, pair in zip(shapes, futures):
+    compiled = [f.result() for f in pair]
+    out["compile_s"] = time.perf_counter() - t0
+    r = compare(cfgs, params, shape, text, compiled)
+    r["bf16_program_temp_gib"] = _temp_gib(compiled[1])
     print_table(shape, r)
-    results.append(r)
-  return {"compile_s": compile_s, "config": {"fp32": cfgs[0].dtype, "bf16": cfgs[1].dtype,
-                                             "remat": cfgs[1].remat_policy,
-                                             "attention_bf16": cfgs[1].attention_backend,
-                                             "weights": weights or f"synthetic (random_dit_params seed {seed})"},
-          "shapes": results}
+    out["shapes"].append(r)
+    if on_progress:
+      on_progress(out)
+  pool.shutdown()
+  out["total_s"] = time.perf_counter() - t0
+  return out
 
 
 def parse_shapes(text: str) -> tuple[tuple[int, int, int], ...]:
@@ -259,7 +276,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     base.update(dtype="bfloat16", remat_policy="save_attention")  # tiny.py trains in fp32
   shapes = parse_shapes(args.shapes) if args.shapes else (SHAPES_TINY if args.tiny else SHAPES_2B)
   text = args.text_tokens or (8 if args.tiny else 512)
-  out = {"device": common.device_info(), "result": run(base, shapes, text, args.weights)}
+  device = common.device_info()
+  result = run(base, shapes, text, args.weights,
+               on_progress=lambda partial: common.write_json(args.json, {"device": device, "result": partial}))
+  out = {"device": device, "result": result}
   common.write_json(args.json, out)
   return out
 
