@@ -167,7 +167,7 @@ def test_full_loop_with_toy_net(rf, name):
 
 def test_missing_input_replacement_fails(rf):
   """Guard: the toy net couples to the input's first frame, so skipping the input replacement is detectable."""
-  r = run_arrays(rf, _coupled_run(rf))
+  r = run_arrays(rf, _coupled_run(rf, key=lambda r: int(r["num_steps"])))  # the shortest one
   noise = jnp.asarray(r["noise"])[None]
   t = noise.shape[2]
   net, _ = make_toy_velocity_net(rf, True)
@@ -176,7 +176,7 @@ def test_missing_input_replacement_fails(rf):
       lambda x, ts, text, m: net(jnp.where(m > 0, noise, x), ts, text, m), noise, _schedule(r),
       text_embeddings=jnp.ones((1, 3, 8)), uncond_text_embeddings=jnp.zeros((1, 3, 8)),
       gt_latents=jnp.asarray(r["gt"])[None], cond_mask=conditional_frame_mask(int(r["num_cond_frames"]), 1, t),
-      guidance=float(r["guidance"]))
+      guidance=float(r["guidance"]), conditional_frame_timestep=float(r["conditional_frame_timestep"]))
   assert np.abs(np.asarray(final[0]) - r["final"]).max() > 100 * TRAJ_ATOL
 
 
