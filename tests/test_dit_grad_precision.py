@@ -92,7 +92,9 @@ def test_biased_dense_is_nn_dense_with_an_fp32_bias_gradient():
   ours = BiasedDense(32, ("a", "b"), **kw)
   theirs = nn.Dense(32, use_bias=True, **kw)
   params = nn.meta.unbox(ours.init(k[1], x))["params"]
-  assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, theirs.init(k[1], x)["params"])
+  same_init = jax.tree.map(lambda a, b: a.shape == b.shape and bool(jnp.all(a == b)), params,
+                           theirs.init(k[1], x)["params"])
+  assert all(jax.tree.leaves(same_init)), same_init  # same names, shapes and initial values
   params["bias"] = jax.random.normal(k[2], (32,))
   assert bool(jnp.all(ours.apply({"params": params}, x) == theirs.apply({"params": params}, x)))
 
