@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib
 import types
 from typing import Any
 
@@ -44,11 +43,6 @@ from v2w_jax.parallel import mesh as mesh_lib
 from v2w_jax.parallel.rules import MESH_AXES
 
 GIB = 2**30
-
-
-def load_config(name: str):
-  """``configs/<name>.py``'s ``get_config()``."""
-  return importlib.import_module(f"configs.{name}").get_config()
 
 
 def memory_of(compiled) -> dict[str, int]:
@@ -252,7 +246,7 @@ def main(argv=None):
   args = ap.parse_args(argv)
   if args.mock_gpus:
     jax.config.update("jax_mock_gpu_topology", f"1x{args.mock_gpus}x1")
-  config = load_config("tiny" if args.tiny else args.config)
+  config = common.load_config("tiny" if args.tiny else args.config)
   shape = "tiny" if args.tiny else args.shape
   if args.remat:
     config.model.remat_policy = args.remat

@@ -145,8 +145,8 @@ def test_generator_reproduces_the_released_2b_file(reference_file):
   assert reference_layout(REFERENCE_2B) == _release_file(reference_file("dit_2b_keys.txt"))
 
 
-@pytest.mark.parametrize("config_model, reference", [(nemo.model_2b, REFERENCE_2B), (nemo_14b.model_14b, REFERENCE_14B)],
-                         ids=["2b", "14b"])
+@pytest.mark.parametrize("config_model, reference",
+                         [(nemo.model_2b, REFERENCE_2B), (nemo_14b.model_14b, REFERENCE_14B)], ids=["2b", "14b"])
 def test_configs_resolve_the_reference_nets(config_model, reference):
   """configs/ hold exactly the reference kwargs of each released net (port options aside)."""
   cfg = DiTConfig.from_config(config_model())
