@@ -104,7 +104,8 @@ def compile_train_step(config, mesh, latent_thw, clips: int):
       "text_embeddings": jax.ShapeDtypeStruct((clips, int(config.data.text_tokens), dit_cfg.text_in_channels),
                                               jnp.bfloat16),
   }
-  return step.lower(state, batch, jax.random.key(0)).compile()
+  rng = jax.eval_shape(lambda: jax.random.key(0))
+  return step.lower(state, batch, rng).compile()
 
 
 def _with_mesh(config, sizes: dict[str, int], num_blocks: int | None = None):
