@@ -50,6 +50,9 @@ def memory_of(compiled) -> dict[str, int]:
   m = compiled.memory_analysis()
   out = {k: int(getattr(m, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp")}
   out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+  xla_peak = int(getattr(m, "peak_memory_in_bytes", 0) or 0)  # XLA's own figure, where the backend gives one
+  if xla_peak:
+    out["xla_peak"] = xla_peak
   return out
 
 
