@@ -88,7 +88,7 @@ def state_bytes(config, mesh) -> dict[str, int]:
   return parts
 
 
-def _per_device_latent(config, latent_thw, sizes: dict[str, int]) -> tuple[int, int, int]:
+def _per_device_latent(latent_thw, sizes: dict[str, int]) -> tuple[int, int, int]:
   t, h, w = latent_thw
   if t % sizes["context"]:
     raise ValueError(f"context={sizes['context']} does not divide the {t} latent frames")
@@ -156,7 +156,7 @@ def derived_train_row(config, sizes: dict[str, int], latent_thw) -> dict[str, An
   """Per-device peak from a one-block one-device compile, the per-block residuals and the exact sharded
   state (module docstring)."""
   one = {"data": 1, "fsdp": 1, "context": 1}
-  local = _per_device_latent(config, latent_thw, sizes)
+  local = _per_device_latent(latent_thw, sizes)
   c = _with_mesh(config, one, num_blocks=1)
   mesh = mesh_lib.make_mesh(c.mesh, jax.devices()[:1])
   mem = memory_of(compile_train_step(c, mesh, local, clips=1))
@@ -214,6 +214,8 @@ def plan(config, sizes: dict[str, int], latent_thw, *, mode: str = "train", text
   tokens = int(text_tokens or config.data.text_tokens)
   rows = []
   if mode == "generate":
+    if sizes["fsdp"] != 1:
+      raise ValueError("generation shards over data (CFG branches) and context only: use --fsdp=1")
     if not enough:
       raise ValueError(f"generation on {n} devices needs {n} devices to compile (or --mock_gpus={n})")
     c = copy.deepcopy(config)
@@ -262,10 +264,11 @@ def main(argv=None):
   rows = plan(config, sizes, latent, mode=args.mode, num_steps=3 if args.tiny else args.num_steps,
               param_dtype=args.param_dtype, derive=args.derive or None)
   for r in rows:
-    print(f"{r['kind']:9s} {r['what']:45s} mesh {r['mesh']}: {r['peak'] / 2**20:10.1f} MiB per device",
-          flush=True)
-  result = {"device": common.device_info(), "config": "tiny" if args.tiny else args.config, "latent": list(latent),
-            "remat": config.model.remat_policy, "precision": config.optim.precision, "rows": rows}
+    print(f"{r['kind']:9s} {r['what']:45s} mesh {r['mesh']}: {r['peak'] / GIB:8.2f} GiB "
+          f"({r['peak'] / 2**20:.1f} MiB) per device", flush=True)
+  result = {"device": common.device_info(), "config": "tiny" if args.tiny else args.config,
+            "latent": list(latent), "remat": config.model.remat_policy, "precision": config.optim.precision,
+            "rows": rows}
   common.write_json(args.json, result)
   return result
 
