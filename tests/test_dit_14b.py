@@ -21,6 +21,7 @@ import pytest
 
 from configs import nemo, nemo_14b
 from v2w_jax.convert import dit as convert_dit
+from v2w_jax.convert import infer
 from v2w_jax.models import dit
 from v2w_jax.models.dit_config import DiTConfig
 
@@ -175,7 +176,8 @@ def test_14b_export_matches_the_reference_layout(cfg_14b, params_14b):
 def test_14b_import_accepts_the_reference_layout(cfg_14b):
   """torch_to_params' strict check passes on the 14B layout (shapes only; stops before reading data)."""
   fake = _fake_release(REFERENCE_14B, cfg_14b)
-  assert convert_dit.net_sizes(fake) == {"model_channels": 5120, "num_heads": 40, "num_blocks": 36}
+  assert infer.dit_config_from_shapes(fake) == cfg_14b.replace(
+      remat_policy="save_attention", logical_axis_rules=DiTConfig().logical_axis_rules)
   del fake["net.final_layer.linear.weight"]
   with pytest.raises(ValueError) as err:
     convert_dit.torch_to_params(fake, cfg_14b)

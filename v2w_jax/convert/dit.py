@@ -23,7 +23,6 @@ the module layout. Tensors are materialised one at a time (inputs may be lazy, e
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -31,6 +30,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
+from v2w_jax.convert import infer
 from v2w_jax.convert.tree import Path, flatten, get_path, set_path
 from v2w_jax.models.dit import abstract_params
 from v2w_jax.models.dit_config import DiTConfig
@@ -120,34 +120,18 @@ def _shape_of(value: Any) -> tuple[int, ...]:
   return tuple(int(s) for s in value.shape)
 
 
-SIZE_FIELDS = ("model_channels", "num_heads", "num_blocks")
-
-
-def net_sizes(state_dict: Mapping[str, Any], prefix: str = PREFIX) -> dict[str, int | None]:
-  """The sizes that tell the released nets apart (2B, 14B), read from a state dict's shapes.
-
-  ``model_channels`` from the patch embedding, ``num_heads`` from it and the per-head q-norm width,
-  ``num_blocks`` from the self-attention q projections present; None where the keys are missing.
-  """
-  shapes = {k[len(prefix):]: _shape_of(v) for k, v in state_dict.items() if k.startswith(prefix)}
-  channels = shapes.get("x_embedder.proj.1.weight", (None,))[0]
-  head_dim = shapes.get("blocks.0.self_attn.q_norm.weight", (None,))[0]
-  blocks = {k.split(".")[1] for k in shapes if re.fullmatch(r"blocks\.\d+\.self_attn\.q_proj\.weight", k)}
-  return {
-      "model_channels": channels,
-      "num_heads": channels // head_dim if channels and head_dim else None,
-      "num_blocks": len(blocks) or None,
-  }
-
-
 def _size_mismatch(state_dict: Mapping[str, Any], cfg: DiTConfig, prefix: str) -> str | None:
-  """One line naming the file's and the config's sizes when they differ (e.g. a 14B file, 2B config)."""
-  found = net_sizes(state_dict, prefix)
-  wanted = {f: getattr(cfg, f) for f in SIZE_FIELDS}
-  if any(v is None for v in found.values()) or found == wanted:
+  """One line naming the file's and the config's sizes when their widths differ (e.g. a 14B file given
+  the 2B config); None when they agree or the file's width cannot be read."""
+  try:
+    found = infer.dit_sizes(state_dict, prefix)
+  except infer.ConfigInferenceError:
     return None
-  found_text = ", ".join(f"{f}={found[f]}" for f in SIZE_FIELDS)
-  wanted_text = ", ".join(f"{f}={wanted[f]}" for f in SIZE_FIELDS)
+  if (found["model_channels"], found["num_heads"]) == (cfg.model_channels, cfg.num_heads):
+    return None
+  fields = ("model_channels", "num_heads", "num_blocks")
+  found_text = ", ".join(f"{f}={found[f]}" for f in fields)
+  wanted_text = ", ".join(f"{f}={getattr(cfg, f)}" for f in fields)
   return (f"  the checkpoint holds a net with {found_text}; the config describes {wanted_text} "
           "(configs/nemo_14b.py is the 14B, configs/nemo.py the 2B)")
 
