@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import pathlib
 import statistics
@@ -10,6 +11,11 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+
+
+def load_config(name: str):
+  """``configs/<name>.py``'s ``get_config()`` (e.g. ``nemo``, ``nemo_14b``, ``tiny``)."""
+  return importlib.import_module(f"configs.{name}").get_config()
 
 
 def block(x: Any) -> Any:

@@ -6,6 +6,8 @@ Usage::
     python benchmarks/generate.py --tiny             # CPU smoke run of the same code (tiny config)
     python benchmarks/generate.py --data=2           # CFG branches on 2 GPUs (mesh data axis)
     python benchmarks/generate.py --context=4        # each clip's tokens over 4 GPUs (Ulysses)
+    python benchmarks/generate.py --config=nemo_14b --param_dtype=bfloat16 --init=device --num_steps=4
+                                                     # the 14B: 4 guided steps (35 exceed one call)
 
 Every stage is compiled ahead of time (``jit(...).lower(...).compile()``) so compile and run times are
 reported separately: conditional-frame encode (1 latent frame, image2world), the DiT sampling loop (both CFG
@@ -32,6 +34,10 @@ import numpy as np  # noqa: E402
 def _args(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--tiny", action="store_true", help="tiny config on CPU (smoke test of this script)")
+  p.add_argument("--config", default="nemo", help="a module of configs/ (nemo, nemo_14b)")
+  p.add_argument("--init", default="host", choices=("host", "device"),
+                 help="random DiT weights made with numpy (host) or by the model's init on the device "
+                 "(seconds instead of minutes for the 14B)")
   p.add_argument("--num_frames", type=int, default=None, help="default 93 (tiny: 9)")
   p.add_argument("--height", type=int, default=None, help="default 704 (tiny: 32)")
   p.add_argument("--width", type=int, default=None, help="default 1280 (tiny: 48)")
@@ -72,15 +78,16 @@ def main(argv=None) -> dict:
   a = _args(argv)
   if a.tiny:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  from configs import nemo, tiny  # pylint: disable=import-outside-toplevel
+  from benchmarks import common  # pylint: disable=import-outside-toplevel
   from v2w_jax.diffusion import guidance as guidance_lib  # pylint: disable=import-outside-toplevel
   from v2w_jax.inference import weights  # pylint: disable=import-outside-toplevel
   from v2w_jax.inference.pipeline import Video2WorldPipeline  # pylint: disable=import-outside-toplevel
+  from v2w_jax.models import dit as dit_lib  # pylint: disable=import-outside-toplevel
   from v2w_jax.models.dit_config import DiTConfig  # pylint: disable=import-outside-toplevel
   from v2w_jax.models.vae import VAEConfig  # pylint: disable=import-outside-toplevel
   from v2w_jax.training import flops as flops_lib  # pylint: disable=import-outside-toplevel
 
-  config = tiny.get_config() if a.tiny else nemo.get_config()
+  config = common.load_config("tiny" if a.tiny else a.config)
   frames = a.num_frames or (9 if a.tiny else 93)
   size = (a.height or (32 if a.tiny else 704), a.width or (48 if a.tiny else 1280))
   steps = a.num_steps or (3 if a.tiny else 35)
@@ -99,14 +106,17 @@ def main(argv=None) -> dict:
     from v2w_jax.parallel.mesh import make_mesh  # pylint: disable=import-outside-toplevel
 
     mesh = make_mesh({"data": a.data, "fsdp": 1, "context": a.context}, devices[:a.data * a.context])
-  result = dict(device=str(devices[0].device_kind), num_devices=a.data * a.context, data=a.data,
+  result = dict(config="tiny" if a.tiny else a.config, init=a.init, device=str(devices[0].device_kind),
+                num_devices=a.data * a.context, data=a.data,
                 context=a.context, num_frames=frames, size=list(size), num_steps=steps, guidance=a.guidance,
                 num_conditional_frames=a.num_conditional_frames, text_tokens=tokens,
                 param_dtype=dit_cfg.param_dtype, dit_dtype=dit_cfg.dtype, vae_dtype=vae_cfg.dtype)
   print(f"benchmark: {json.dumps(result)}", flush=True)
 
   t0 = time.perf_counter()
-  pipe = Video2WorldPipeline(dit_cfg, vae_cfg, weights.random_dit_params(dit_cfg, 0),
+  dit_params = (dit_lib.init_params(dit_cfg, jax.random.key(0)) if a.init == "device"
+                else weights.random_dit_params(dit_cfg, 0))
+  pipe = Video2WorldPipeline(dit_cfg, vae_cfg, dit_params,
                              weights.random_vae_params(vae_cfg, 0), mesh=mesh)
   jax.block_until_ready((pipe.dit_params, pipe.vae_params))
   result["weights_s"] = time.perf_counter() - t0

@@ -7,7 +7,7 @@ VAE). Reports compile time, median step time over several steps after warm-up, p
 model TFLOP/s (the reference anchor's formula, ``training/flops.py``) and MFU.
 
     python -m benchmarks.train_step --shape=720p --json=out.json [--remat=save_attention]
-        [--precision=fp32_master|reference_bf16] [--steps=3] [--tiny]
+        [--precision=fp32_master|reference_bf16] [--steps=3] [--tiny] [--config=nemo_14b]
         [--data=1 --fsdp=1 --context=1] [--profile=DIR]
 
 With several GPUs the mesh flags spread the step: the global batch is one clip per data-parallel
@@ -28,7 +28,6 @@ import jax.numpy as jnp
 
 from benchmarks import common
 from benchmarks import profile_summary as profile_lib
-from configs import nemo, tiny
 from v2w_jax.models import dit
 from v2w_jax.parallel import mesh as mesh_lib
 from v2w_jax.parallel import sharding as sharding_lib
@@ -40,9 +39,9 @@ from v2w_jax.training import trainer
 SHAPES = {"720p": (24, 88, 160), "480p": (8, 60, 104), "tiny": (3, 4, 6)}
 
 
-def run(shape: str, remat: str, precision: str, steps: int, warmup: int, use_tiny: bool, backend: str,
+def run(shape: str, remat: str, precision: str, steps: int, warmup: int, config_name: str, backend: str,
         mesh_sizes: dict[str, int] | None = None, profile_dir: str | None = None) -> dict:
-  config = tiny.get_config() if use_tiny else nemo.get_config()
+  config = common.load_config(config_name)
   for axis, size in (mesh_sizes or {}).items():
     config.mesh[axis] = size
   config.model.remat_policy = remat
@@ -86,8 +85,8 @@ def run(shape: str, remat: str, precision: str, steps: int, warmup: int, use_tin
   tflops = model_flops / timing["median_s"] / 1e12
   gpus = mesh.size
   return {
-      "shape": shape, "latent": [t, h, w], "tokens": (t * h * w) // 4, "text_tokens": text_tokens,
-      "remat": remat, "precision": precision, "attention_backend": backend,
+      "config": config_name, "shape": shape, "latent": [t, h, w], "tokens": (t * h * w) // 4,
+      "text_tokens": text_tokens, "remat": remat, "precision": precision, "attention_backend": backend,
       "mesh": dict(mesh.shape), "clips_per_step": clips,
       "compile_s": compile_s, **timing, "seconds_per_clip": timing["median_s"] / clips,
       "state_gib": state_gib, "peak_gib": common.peak_memory_gib(),
@@ -104,21 +103,23 @@ def run(shape: str, remat: str, precision: str, steps: int, warmup: int, use_tin
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--shape", default="720p", choices=sorted(SHAPES))
-  ap.add_argument("--remat", default=None, help="default: the config's (save_attention)")
+  ap.add_argument("--remat", default=None, help="default: the config's (nemo: save_attention, nemo_14b: full)")
   ap.add_argument("--precision", default="fp32_master", choices=["fp32_master", "reference_bf16"])
   ap.add_argument("--backend", default="auto")
   ap.add_argument("--steps", type=int, default=3)
   ap.add_argument("--warmup", type=int, default=1)
   ap.add_argument("--tiny", action="store_true", help="CPU smoke test with configs/tiny.py")
+  ap.add_argument("--config", default="nemo", help="a module of configs/ (nemo, nemo_14b, ...)")
   for axis in ("data", "fsdp", "context"):
     ap.add_argument(f"--{axis}", type=int, default=1, help=f"mesh {axis} axis size")
   ap.add_argument("--profile", default=None, help="also trace one step into this folder and summarise it")
   ap.add_argument("--json", default=None)
   args = ap.parse_args()
-  remat = args.remat or ("none" if args.tiny else "save_attention")
+  config_name = "tiny" if args.tiny else args.config
+  remat = args.remat or ("none" if args.tiny else common.load_config(config_name).model.remat_policy)
   shape = "tiny" if args.tiny else args.shape
   result = {"device": common.device_info(),
-            "result": run(shape, remat, args.precision, args.steps, args.warmup, args.tiny, args.backend,
+            "result": run(shape, remat, args.precision, args.steps, args.warmup, config_name, args.backend,
                          dict(data=args.data, fsdp=args.fsdp, context=args.context), args.profile)}
   print(result, flush=True)
   common.write_json(args.json, result)

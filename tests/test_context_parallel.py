@@ -2,8 +2,8 @@
 
 The multi-device part runs this file as a worker in a subprocess with 8 fake CPU devices (the pytest
 process has one): the tiny DiT of ``configs/tiny.py`` in float32 with matmul precision 'highest',
-unsharded on one device vs. meshes with context 2 and 4 (and data 2 × fsdp 2 × context 2), with and
-without ``nn.scan`` and remat. The compiled HLO must contain all-to-alls, so a silent fallback to
+unsharded on one device vs. meshes with context 2 and 4 (and data 2 × fsdp 2 × context 2, and the 14B
+config's weights over fsdp × context), with and without ``nn.scan`` and remat. The compiled HLO must contain all-to-alls, so a silent fallback to
 all-gathers (or to no context parallelism at all) fails the test. Start-up validation errors are
 checked in-process against abstract meshes.
 """
@@ -19,7 +19,11 @@ import sys
 
 import pytest
 
+from configs.nemo_14b import params_over_fsdp_and_context
+from v2w_jax.parallel.rules import DEFAULT_RULES
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
+
 NUM_DEVICES = 8
 TOL = 1e-5  # max-abs error relative to the largest magnitude of the reference leaf
 
@@ -28,6 +32,9 @@ CASES = (
     ("context2", dict(data=1, fsdp=1, context=2), dict(scan_blocks=True, remat_policy="save_attention"), 2),
     ("fsdp2_context4", dict(data=1, fsdp=2, context=4), dict(scan_blocks=False, remat_policy="full"), 8),
     ("data2_fsdp2_context2", dict(data=2, fsdp=2, context=2), dict(scan_blocks=True, remat_policy="none"), 8),
+    # configs/nemo_14b.py's layout: weights sharded over fsdp x context.
+    ("fsdp2_context2_weights_over_both", dict(data=1, fsdp=2, context=2),
+     dict(scan_blocks=True, remat_policy="full", logical_axis_rules=params_over_fsdp_and_context(DEFAULT_RULES)), 4),
 )
 
 

@@ -30,6 +30,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
+from v2w_jax.convert import infer
 from v2w_jax.convert.tree import Path, flatten, get_path, set_path
 from v2w_jax.models.dit import abstract_params
 from v2w_jax.models.dit_config import DiTConfig
@@ -119,6 +120,22 @@ def _shape_of(value: Any) -> tuple[int, ...]:
   return tuple(int(s) for s in value.shape)
 
 
+def _size_mismatch(state_dict: Mapping[str, Any], cfg: DiTConfig, prefix: str) -> str | None:
+  """One line naming the file's and the config's sizes when their widths differ (e.g. a 14B file given
+  the 2B config); None when they agree or the file's width cannot be read."""
+  try:
+    found = infer.dit_sizes(state_dict, prefix)
+  except infer.ConfigInferenceError:
+    return None
+  if (found["model_channels"], found["num_heads"]) == (cfg.model_channels, cfg.num_heads):
+    return None
+  fields = ("model_channels", "num_heads", "num_blocks")
+  found_text = ", ".join(f"{f}={found[f]}" for f in fields)
+  wanted_text = ", ".join(f"{f}={getattr(cfg, f)}" for f in fields)
+  return (f"  the checkpoint holds a net with {found_text}; the config describes {wanted_text} "
+          "(configs/nemo_14b.py is the 14B, configs/nemo.py the 2B)")
+
+
 def _check_rope_buffer(name: str, value: Any, expected: np.ndarray) -> str | None:
   if _shape_of(value) != expected.shape:
     return f"{name}: shape {list(_shape_of(value))}, expected {list(expected.shape)}"
@@ -177,6 +194,7 @@ def torch_to_params(
   if unknown or missing or bad:
     lines = [f"DiT checkpoint does not match the config ({len(missing)} missing, {len(unknown)} unknown, "
              f"{len(bad)} bad keys):"]
+    lines += [m for m in [_size_mismatch(state_dict, cfg, prefix)] if m]
     lines += [f"  missing: {k}" for k in missing]
     lines += [f"  unknown: {k}" for k in unknown]
     lines += [f"  bad: {m}" for m in bad]
