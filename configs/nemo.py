@@ -171,6 +171,15 @@ def get_config() -> ConfigDict:
           # an earlier sample dataset: a folder of a user's own clips is never written to.
           make_sample_dataset=False,
           sample_dataset_dir="data/sample_dataset",
+          # Latents encoded once by tools/cache_latents.py: with `dir` set, training reads them instead of
+          # decoding and VAE-encoding a window every iteration ("" = encode online).
+          latent_cache=ConfigDict(
+              dict(
+                  dir="",  # the cache of data.dataset_dir
+                  val_dir="",  # the cache of data.val_dataset_dir ("" = validation encodes online)
+                  windows_per_clip=4,  # windows cached per clip, starts spread evenly over the clip
+              )
+          ),
       )
   )
 

@@ -11,6 +11,7 @@ model on one host. A checkpoint is an orbax composite directory with two items, 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -23,7 +24,8 @@ from etils import epath
 
 from v2w_jax.user_errors import UserError
 
-__all__ = ["ParamsMismatchError", "abstract_from_checkpoint", "load_metadata", "load_params", "save_params"]
+__all__ = ["ParamsMismatchError", "abstract_from_checkpoint", "fingerprint", "load_metadata", "load_params",
+           "save_params"]
 
 PARAMS_ITEM = "params"
 METADATA_ITEM = "metadata"
@@ -77,6 +79,24 @@ def _to_saveable(path: epath.Path, params: Any) -> Any:
   if not isinstance(params, Mapping):
     raise TypeError(f"{path}: params must be a nested dict of arrays, got {type(params).__name__}")
   return convert(params, "")
+
+
+def fingerprint(params: Any) -> str:
+  """A sha256 hex digest of a parameter tree: every leaf's path, dtype, shape and bytes, by path.
+
+  Identical weights give the same digest whatever their source (a ``.pth``, a converted folder, a
+  seeded random init) or placement; a jax.Array must be replicated (the local copy is hashed), as the
+  VAE's are. Used to tell whether latents were encoded with the weights a run uses.
+  """
+  digest = hashlib.sha256()
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  for key_path, leaf in sorted(leaves, key=lambda kv: key_str(kv[0])):
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_replicated:
+      raise ValueError(f"fingerprint: leaf {key_str(key_path)} is sharded; replicate it first")
+    arr = np.ascontiguousarray(leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf)
+    digest.update(f"{key_str(key_path)}|{arr.dtype.str}|{arr.shape}|".encode())
+    digest.update(arr.reshape(-1).view(np.uint8).data)
+  return digest.hexdigest()
 
 
 def save_params(path: str | os.PathLike, params: Mapping[str, Any], *, metadata: dict | None = None,

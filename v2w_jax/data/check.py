@@ -5,9 +5,14 @@ headers of the embedding ``.npy`` files — no frame is decoded unless ``decode=
 last frame of each clip is decoded too, which catches files truncated after a front ``moov``).
 
     python -m v2w_jax.data.check DATASET --config=configs/tiny.py [--decode]
+    python -m v2w_jax.data.check DATASET --config=... --config.data.latent_cache.dir=CACHE [--vae]
 
-Exit status 0 when every file is usable, 1 otherwise, 2 for a mistake in the command (a missing
-folder or config file: one ``error:`` line). The trainer calls :func:`check_dataset`
+With ``data.latent_cache.dir`` set it also reports the latent cache (``data/latent_cache.py``): clips
+cached and their windows, clips missing, entries or a header that do not fit the config, and with
+``--vae`` whether the cache was encoded with ``config.vae``'s weights (loads them).
+
+Exit status 0 when every file is usable (and the cache fits), 1 otherwise, 2 for a mistake in the
+command (a missing folder or config file: one ``error:`` line). The trainer calls :func:`check_dataset`
 at start (``data.check_at_start``) and either stops with the report or, with
 ``data.skip_bad_files``, leaves the bad files out and reports their number.
 """
@@ -129,7 +134,7 @@ def check_dataset(
   return CheckReport(str(dataset_dir), len(videos), problems, num_captions=len(captions))
 
 
-def main(argv: list[str], config: Any, decode: bool) -> int:
+def main(argv: list[str], config: Any, decode: bool, *, check_vae: bool = False) -> int:
   from v2w_jax.user_errors import report as report_error  # pylint: disable=import-outside-toplevel
 
   dataset_dir = argv[1] if len(argv) > 1 else config.data.dataset_dir
@@ -138,7 +143,35 @@ def main(argv: list[str], config: Any, decode: bool) -> int:
   except dataset_lib.DataError as e:
     return report_error(e)
   print(report.format())
-  return 0 if report.ok else 1
+  ok = report.ok
+  cache_dir = config.data.latent_cache.dir if "latent_cache" in config.data else ""
+  if cache_dir:
+    ok = _report_latent_cache(cache_dir, dataset_dir, config, report, check_vae=check_vae) and ok
+  return 0 if ok else 1
+
+
+def _report_latent_cache(cache_dir: str, dataset_dir: str, cfg: Any, report: CheckReport, *, check_vae: bool) -> bool:
+  """Prints the cache's state for the dataset's usable clips; whether it fits."""
+  from v2w_jax.data import latent_cache  # pylint: disable=import-outside-toplevel
+
+  bad = {p.path for p in report.problems}
+  videos = [str(v) for v in dataset_lib.list_videos(dataset_dir) if str(v) not in bad]
+  cache_report = latent_cache.check_cache(cache_dir, cfg, videos, dataset_dir=dataset_dir)
+  print(cache_report.format())
+  if not check_vae or cache_report.setting:
+    return cache_report.ok
+  import jax  # pylint: disable=import-outside-toplevel
+
+  from v2w_jax.inference import weights  # pylint: disable=import-outside-toplevel
+
+  params = weights.config_vae_params(cfg, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+  try:
+    latent_cache.check_vae_weights(cfg, params)
+  except latent_cache.LatentCacheError as e:
+    print(f"  VAE {e}")
+    return False
+  print("  VAE weights: config.vae's, as the cache's fingerprint says")
+  return cache_report.ok
 
 
 if __name__ == "__main__":
@@ -148,4 +181,6 @@ if __name__ == "__main__":
 
   _CONFIG = ConfigFlag(None, "experiment config file", doc=__doc__)
   _DECODE = flags.DEFINE_bool("decode", False, "also decode the last frame of every clip (slower)")
-  app.run(lambda argv: sys.exit(main(argv, _CONFIG.value, _DECODE.value)), flags_parser=_CONFIG.flags_parser)
+  _VAE = flags.DEFINE_bool("vae", False, "with a latent cache: load config.vae's weights and compare their fingerprint")
+  app.run(lambda argv: sys.exit(main(argv, _CONFIG.value, _DECODE.value, check_vae=_VAE.value)),
+          flags_parser=_CONFIG.flags_parser)

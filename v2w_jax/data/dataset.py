@@ -32,6 +32,10 @@ the same batches. The file is named in the log once per process; every replaceme
 Batch (numpy, host-local): ``video`` uint8 [B,3,T,H,W]; ``text_embeddings`` bf16 [B,N,D];
 ``padding_mask`` float32 [B,1,H,W] zeros; ``fps`` float32 [B]; ``index`` int32 [B] (position of
 the clip in the dataset's sorted file list).
+
+With ``data.latent_cache.dir`` set, the same pipeline maps records to cached windows instead
+(``data/latent_cache.py``): ``latents`` (the VAE means, [B,z,t,h,w]) and ``window_start`` int32 [B]
+replace ``video``.
 """
 
 from __future__ import annotations
@@ -111,6 +115,7 @@ class DataSpec:
   check_at_start: bool = True
   check_decode: bool = True
   decode_threads: int = 2
+  latent_cache_dir: str = ""  # "" = decode windows; else read cached latents from here
 
   @classmethod
   def from_config(cls, config: Any, split: str = "train") -> "DataSpec":
@@ -128,6 +133,8 @@ class DataSpec:
     # Validation reads a few batches per evaluation from a fresh loader: worker processes would
     # be spawned each time for little work, so it runs inline unless data.val_num_workers says so.
     num_workers = d.get("num_workers", 0) if split == "train" else d.get("val_num_workers", 0)
+    cache = d.get("latent_cache", None)
+    latent_cache_dir = cache.get("dir" if split == "train" else "val_dir", "") if cache is not None else ""
     return cls(
         dataset_dir=str(dataset_dir),
         embeddings_dir=str(text_lib.default_store_dir(dataset_dir, embeddings_dir)),
@@ -142,6 +149,7 @@ class DataSpec:
         check_at_start=bool(d.get("check_at_start", True)),
         check_decode=bool(d.get("check_decode", True)),
         decode_threads=int(d.get("decode_threads", 2)),
+        latent_cache_dir=str(latent_cache_dir),
     )
 
 
@@ -255,8 +263,12 @@ def build_dataset(
     seed: int,
     process_index: int = 0,
     process_count: int = 1,
+    load: LoadSample | None = None,
 ) -> grain.IterDataset:
-  """The grain pipeline over ``records`` for one process (see the module docstring)."""
+  """The grain pipeline over ``records`` for one process (see the module docstring).
+
+  ``load`` maps (stream position, record) to a sample: default a decoded window (:class:`LoadSample`).
+  """
   if not records:
     raise DataError(f"{spec.dataset_dir}: no usable videos")
   if spec.global_batch_size % process_count:
@@ -264,7 +276,7 @@ def build_dataset(
         f"global_batch_size {spec.global_batch_size} is not divisible by the {process_count} JAX processes"
     )
   local_batch = spec.global_batch_size // process_count
-  load = LoadSample(spec, records, seed)
+  load = load if load is not None else LoadSample(spec, records, seed)
   ds = grain.MapDataset.source([(i, r) for i, r in enumerate(records)])
   ds = ds.shuffle(seed=seed).repeat()
   ds = ds.map_with_index(load)
@@ -374,7 +386,8 @@ def make_loader(
 
   Raises:
     DataError: the dataset folder is unusable, or (without ``data.skip_bad_files``) the start-up
-      check found bad files — the message lists every one and what is wrong.
+      check found bad files — the message lists every one and what is wrong; or the latent cache
+      (``data.latent_cache.dir`` / ``val_dir``) does not fit the config or lacks clips.
   """
   from v2w_jax.data import check as check_lib  # pylint: disable=import-outside-toplevel
 
@@ -393,7 +406,12 @@ def make_loader(
         raise DataError(report.format())
       _log.warning("skipping %d bad files:\n%s", len(report.problems), report.format())
   records = make_records(spec, report)
-  ds = build_dataset(spec, records, seed=seed, process_index=process_index, process_count=process_count)
+  load = None
+  if spec.latent_cache_dir:  # cached VAE latents instead of decoded windows; checked against the config
+    from v2w_jax.data import latent_cache  # pylint: disable=import-outside-toplevel
+
+    load = latent_cache.open_for_training(config, spec, records, seed)
+  ds = build_dataset(spec, records, seed=seed, process_index=process_index, process_count=process_count, load=load)
   it = VideoBatchIterator(iter(ds), sharding=sharding, report=report)
   if start_state is not None:
     it.set_state(start_state)

@@ -107,6 +107,21 @@ def draw_start(total: int, num_frames: int, rng: np.random.Generator) -> int:
   return int(rng.integers(0, total - num_frames + 1))
 
 
+def spread_starts(total: int, num_frames: int, count: int) -> list[int]:
+  """``count`` window starts spread evenly over the valid positions ``0..total-num_frames``.
+
+  The first window starts at frame 0 and, for ``count >= 2``, the last one ends at the clip's last
+  frame; a clip with fewer valid positions than ``count`` gives each position once. The windows the
+  latent cache stores (the online path draws one start uniformly, :func:`draw_start`).
+  """
+  if total < num_frames:
+    raise ValueError(f"clip has {total} frames, fewer than the {num_frames} requested")
+  if count < 1:
+    raise ValueError(f"need at least one window per clip, got {count}")
+  last = total - num_frames
+  return sorted({int(round(s)) for s in np.linspace(0, last, min(count, last + 1))})
+
+
 class _DecordReader:
   """A decord reader: frame count from its index, random access by frame number."""
 

@@ -115,6 +115,7 @@ class Video2WorldPipeline:
     self._sample_fns: dict[tuple, Any] = {}
     self._encode = self._jit(self._encode_impl, static_argnums=(2,))
     self._decode = self._jit(self._decode_impl)
+    self._normalize = self._jit(lambda mu: vae_lib.normalize_latents(self.vae_cfg, mu))
 
   # ---- devices --------------------------------------------------------------------------------
   def _replicated(self) -> jax.sharding.NamedSharding:
@@ -235,6 +236,11 @@ class Video2WorldPipeline:
     params = self.vae_params if vae_params is None else self.put(vae_params)
     with self._mesh_scope():
       return self._encode(params, self.put(frames[None, :, :need]), int(t))
+
+  def latents_from_means(self, means: Any) -> Array:
+    """Clean latents [1, C, t, h, w] from VAE posterior means (what a latent cache stores)."""
+    with self._mesh_scope():
+      return self._normalize(self.put(means))
 
   def sample_latents(self, latent_shape: Sequence[int], text: Array, uncond_text: Array | None, gt: Array | None,
                      num_conditional_frames: int, *, seed: int, guidance: float, num_steps: int, shift: float,

@@ -35,6 +35,22 @@ def load_vae_params(path: str | os.PathLike, cfg: vae_lib.VAEConfig) -> Any:
                       training_checkpoints=False)
 
 
+def config_vae_params(config: Any, sharding: jax.sharding.Sharding) -> Any:
+  """The VAE weights ``config.vae`` names, as jax.Arrays placed with ``sharding`` (replicated).
+
+  ``config.vae.checkpoint_path`` in any form :func:`load_vae_params` reads, or, when it is empty, a
+  random init from ``config.seed + 1`` (toy runs). The trainer and ``tools/cache_latents.py`` both take
+  their weights from here, so a cache built for a config holds that config's latents.
+  """
+  cfg = vae_lib.VAEConfig.from_config(config.vae)
+  if config.vae.checkpoint_path:
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+                            vae_lib.abstract_params(cfg))
+    return load_weights(config.vae.checkpoint_path, abstract, lambda sd: convert_vae.torch_to_params(sd, cfg),
+                        what="VAE", training_checkpoints=False)
+  return jax.jit(lambda k: vae_lib.init_params(cfg, k), out_shardings=sharding)(jax.random.key(config.seed + 1))
+
+
 def random_params_like(abstract: Any, seed: int = 0, *, stacked: tuple[str, ...] = ("blocks",)) -> Any:
   """Random numpy params shaped like ``abstract`` without compiling the model's init (fast on CPU).
 

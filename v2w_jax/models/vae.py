@@ -384,14 +384,27 @@ def encode_moments(cfg: VAEConfig, params: Params, video: Array) -> Array:
   return jnp.concatenate([m0, ms], axis=2)
 
 
+def encode_mean(cfg: VAEConfig, params: Params, video: Array) -> Array:
+  """Video ``[B, 3, 1+4k, H, W]`` in [-1, 1] -> posterior mean ``[B, z, 1+k, H/8, W/8]`` in ``cfg.dtype``.
+
+  Before the latent normalisation: what the latent cache stores (``data/latent_cache.py``), so that
+  :func:`normalize_latents` of a cached mean equals :func:`encode_video` of the same clip bit for bit.
+  """
+  return encode_moments(cfg, params, video)[:, :cfg.z_dim]
+
+
+def normalize_latents(cfg: VAEConfig, mu: Array) -> Array:
+  """Posterior mean (any float dtype) -> normalised fp32 latents ``(mu - mean) / std``."""
+  mean, inv_std = latent_constants(cfg)
+  return (jnp.asarray(mu).astype(jnp.float32) - _bcast(mean)) * _bcast(inv_std)
+
+
 def encode_video(cfg: VAEConfig, params: Params, video: Array) -> Array:
   """Video ``[B, 3, 1+4k, H, W]`` in [-1, 1] -> normalised latents ``[B, z, 1+k, H/8, W/8]`` fp32.
 
   Only the posterior mean is kept (no sampling). Pure and traceable; not jitted.
   """
-  mu = encode_moments(cfg, params, video)[:, :cfg.z_dim].astype(jnp.float32)
-  mean, inv_std = latent_constants(cfg)
-  return (mu - _bcast(mean)) * _bcast(inv_std)
+  return normalize_latents(cfg, encode_mean(cfg, params, video))
 
 
 def decode_latents(cfg: VAEConfig, params: Params, latents: Array) -> Array:

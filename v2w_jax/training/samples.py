@@ -8,8 +8,9 @@ with the sampler of the training objective (rectified flow: UniPC, shift 5; EDM:
 ``trainer.sample_num_steps`` steps, guidance ``trainer.sample_guidance`` and all-zero text for the
 unconditional branch as the reference callback; the VAE decodes it, and
 ``<job>/samples/step_<N>_{reg,ema}.mp4`` is written next to the ground truth ``step_<N>_gt.mp4`` (the
-VAE reconstruction of the clip) and logged. Every process runs the SPMD computation on process 0's
-clip; only process 0 writes. The pipeline compiles its functions once (the parameters are arguments).
+VAE reconstruction of the clip; with a latent cache, the decode of its cached latents) and logged.
+Every process runs the SPMD computation on process 0's clip; only process 0 writes. The pipeline
+compiles its functions once (the parameters are arguments).
 """
 
 from __future__ import annotations
@@ -51,16 +52,21 @@ class SampleWriter:
     if not self.enabled:
       return []
     pipe = self.pipeline
-    # Every process runs the (SPMD) sampler on process 0's first clip.
-    video, text = multihost_utils.broadcast_one_to_all(
-        (np.asarray(host_batch["video"][:1]), np.asarray(host_batch["text_embeddings"][:1])))
-    clip = video[0]  # uint8 [3, T, H, W]
-    shape = pipe.latent_shape(clip.shape[1], clip.shape[2:])
+    # Every process runs the (SPMD) sampler on process 0's first clip. A latent-cache batch carries the
+    # clip's VAE means instead of its pixels: nothing to encode.
+    cached = "latents" in host_batch
+    clips, text = multihost_utils.broadcast_one_to_all(
+        (np.asarray(host_batch["latents" if cached else "video"][:1]), np.asarray(host_batch["text_embeddings"][:1])))
+    if cached:
+      shape = clips.shape
+    else:
+      clip = clips[0]  # uint8 [3, T, H, W]
+      shape = pipe.latent_shape(clip.shape[1], clip.shape[2:])
     if not 0 <= self.num_cond < shape[2]:
       raise ValueError(f"trainer.sample_num_conditional_frames={self.num_cond} must be in [0, {shape[2]}) for "
-                       f"{clip.shape[1]}-frame clips")
+                       f"clips of {shape[2]} latent frames")
     # The whole clip's latents: the sampler reads the first N frames, their decode is the gt video.
-    gt = pipe.encode_conditional(clip, shape, shape[2])
+    gt = pipe.latents_from_means(clips) if cached else pipe.encode_conditional(clip, shape, shape[2])
     text = pipe.text_embedding(text)
     outputs = {"gt": gt}
     variants = [("reg", state.params)] + ([("ema", state.ema_params)] if state.ema_params is not None else [])

@@ -10,6 +10,7 @@ preempted or killed job restarts with the same command.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -25,9 +26,10 @@ from jax.experimental import multihost_utils
 from v2w_jax.convert import dit as convert_dit
 from v2w_jax.convert import load as load_lib
 from v2w_jax.convert import params_io
-from v2w_jax.convert import vae as convert_vae
 from v2w_jax.data import dataset as dataset_lib
+from v2w_jax.data import latent_cache
 from v2w_jax.data import sample_dataset
+from v2w_jax.inference import weights as weights_lib
 from v2w_jax.models import dit
 from v2w_jax.models import vae as vae_lib
 from v2w_jax.models.dit_config import DiTConfig
@@ -68,6 +70,7 @@ class Model:
   vae_cfg: vae_lib.VAEConfig
   vae_params: Any
   encode: Any  # jitted (vae_params, video uint8 [B,3,T,H,W]) -> latents fp32
+  normalize: Any  # jitted cached VAE means [B,z,t,h,w] -> the latents `encode` gives for the same clips
 
 
 def dit_config(config) -> DiTConfig:
@@ -79,24 +82,19 @@ def build_model(config, mesh, random_vae_dir: pathlib.Path) -> Model:
   dit_cfg = dit_config(config)
   vae_cfg = vae_lib.VAEConfig.from_config(config.vae)
   rep = sharding_lib.replicated(mesh)
-  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),
-                          vae_lib.abstract_params(vae_cfg))
-  if config.vae.checkpoint_path:
-    vae_params = load_lib.load_weights(
-        config.vae.checkpoint_path, abstract,
-        lambda sd: convert_vae.torch_to_params(sd, vae_cfg), what="VAE", training_checkpoints=False)
-  else:
+  vae_params = weights_lib.config_vae_params(config, rep)
+  if not config.vae.checkpoint_path:
     _log.warning("config.vae.checkpoint_path is empty: the VAE has RANDOM weights (toy runs only); "
                  "they are saved to %s for generation", random_vae_dir)
-    vae_params = jax.jit(lambda k: vae_lib.init_params(vae_cfg, k), out_shardings=rep)(
-        jax.random.key(config.seed + 1))
     # One decision for all processes (orbax saves are collective).
     if not multihost_utils.broadcast_one_to_all(np.asarray(random_vae_dir.exists())):
       params_io.save_params(random_vae_dir, vae_params, metadata={"kind": "vae", "random": True})
   batch_sh = sharding_lib.batch_sharding(mesh)
   encode = jax.jit(lambda p, v: vae_lib.encode_video(vae_cfg, p, step_lib.normalize_video(v)),
                    in_shardings=(rep, batch_sh), out_shardings=batch_sh)
-  return Model(dit_cfg, vae_cfg, vae_params, encode)
+  normalize = jax.jit(functools.partial(vae_lib.normalize_latents, vae_cfg), in_shardings=batch_sh,
+                      out_shardings=batch_sh)
+  return Model(dit_cfg, vae_cfg, vae_params, encode, normalize)
 
 
 def build_state(config, mesh, model: Model, tx):
@@ -130,6 +128,22 @@ def validate_clip_shape(config) -> None:
   if len(size) != 2 or not all(isinstance(s, int) and s > 0 and s % multiple == 0 for s in size):
     raise ValueError(f"data.video_size={size}: expected (height, width), each a positive multiple of {multiple} "
                      f"(8 for the VAE x model.patch_spatial), e.g. --config.data.video_size='(704,1280)'")
+
+
+def device_batch(model: Model, host_batch: dict, sharding) -> dict:
+  """A loader batch -> the step's global batch: latents, text embeddings, padding mask.
+
+  Video batches are VAE-encoded; latent-cache batches (``latents``: the cached VAE means) are only
+  normalised, which gives the same latents the encode gives for the same window, bit for bit.
+  """
+  cached = "latents" in host_batch
+  keys = ("latents" if cached else "video", "text_embeddings", "padding_mask")
+  batch = dataset_lib.to_global_batch({k: host_batch[k] for k in keys if k in host_batch}, sharding)
+  latents = model.normalize(batch["latents"]) if cached else model.encode(model.vae_params, batch["video"])
+  out = {"latents": latents, "text_embeddings": batch["text_embeddings"]}
+  if "padding_mask" in batch:
+    out["padding_mask"] = batch["padding_mask"]
+  return out
 
 
 def validate_mesh(config, mesh, dit_cfg: DiTConfig) -> None:
@@ -242,6 +256,7 @@ def train(config) -> dict[str, Any]:
   # ---- Model; state: resume (newest intact checkpoint) > load_path > random --------------------
   try:
     model = build_model(config, mesh, workdir / "random_vae")
+    latent_cache.check_vae_weights(config, model.vae_params)  # a latent cache must hold this VAE's latents
     tx = optim_lib.make_optimizer(config)
     state, start, state_sh, checkpointer = resume_or_init(config, mesh, model, tx, data_iter, workdir)
   except BaseException:
@@ -262,13 +277,7 @@ def train(config) -> dict[str, Any]:
   peak = flops_lib.peak_flops(jax.devices()[0])
 
   def model_batch(host_batch):
-    batch = dataset_lib.to_global_batch(
-        {k: host_batch[k] for k in ("video", "text_embeddings", "padding_mask") if k in host_batch}, batch_sh)
-    out = {"latents": model.encode(model.vae_params, batch["video"]),
-           "text_embeddings": batch["text_embeddings"]}
-    if "padding_mask" in batch:
-      out["padding_mask"] = batch["padding_mask"]
-    return out
+    return device_batch(model, host_batch, batch_sh)
 
   def save(step: int, *, force: bool = False):
     meta = {"step": step, "seed": int(config.seed), "config": json.loads(config.to_json_best_effort())}
