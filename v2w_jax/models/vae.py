@@ -394,9 +394,20 @@ def encode_mean(cfg: VAEConfig, params: Params, video: Array) -> Array:
 
 
 def normalize_latents(cfg: VAEConfig, mu: Array) -> Array:
-  """Posterior mean (any float dtype) -> normalised fp32 latents ``(mu - mean) / std``."""
+  """Posterior mean (any float dtype) -> normalised fp32 latents ``(mu - mean) / std``.
+
+  A bf16 mean is used at bf16 precision, as the reference's bf16 VAE returns it: the rounding is
+  forced with ``lax.reduce_precision``, because under ``jit`` XLA may otherwise keep the producing
+  convolution's fp32 result (excess precision), and a mean read back from the latent cache would
+  then differ from one encoded in the same program.
+  """
+  mu = jnp.asarray(mu)
+  x = mu.astype(jnp.float32)
+  if mu.dtype != jnp.float32:
+    info = jnp.finfo(mu.dtype)
+    x = jax.lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
   mean, inv_std = latent_constants(cfg)
-  return (jnp.asarray(mu).astype(jnp.float32) - _bcast(mean)) * _bcast(inv_std)
+  return (x - _bcast(mean)) * _bcast(inv_std)
 
 
 def encode_video(cfg: VAEConfig, params: Params, video: Array) -> Array:
