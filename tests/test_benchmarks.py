@@ -84,3 +84,35 @@ def test_checkpoint_saved_on_4_devices_restores_on_2_and_a_changed_state_is_caug
   bad = _reshard(repo_root, "restore", folder, 2, "--fsdp=2")
   assert bad.returncode != 0
   assert prints[3]["leaf"] in json.loads(bad.stdout.strip().splitlines()[-1])["result"]["mismatched_leaves"]
+
+
+def test_latent_cache_benchmark_summarizes_iterations_after_the_first():
+  from benchmarks import latent_cache as bench  # pylint: disable=import-outside-toplevel
+
+  rows = [{"time": t, "train/loss": 1.0, "train/data_wait_s": w, "train/vae_s": v, "train/step_s": s}
+          for t, w, v, s in ((0.0, 5.0, 9.0, 30.0), (10.0, 0.1, 1.0, 8.0), (21.0, 0.3, 1.2, 9.0), (33.0, 0.2, 1.1, 10.0))]
+  r = bench.summarize_iterations(rows)
+  assert r["iterations"] == 4 and r["iter_s"] == pytest.approx(11.0)  # median of 10, 11, 12
+  assert (r["data_wait_s"], r["vae_s"], r["step_s"]) == pytest.approx((0.2, 1.1, 9.0))  # the first row left out
+  assert r["iter_over_step"] == pytest.approx(11.0 / 9.0)
+  with pytest.raises(ValueError):
+    bench.summarize_iterations(rows[:1])
+
+
+@pytest.mark.slow
+def test_latent_cache_benchmark_dry_run_on_cpu(tmp_path, repo_root):
+  """Every stage of the GPU command with the tiny config: dataset, cache build, trainer without and with it."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  out = tmp_path / "r.json"
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.latent_cache", "--tiny", f"--workdir={tmp_path / 'w'}",
+                         f"--json={out}"], cwd=repo_root, env=env, capture_output=True, text=True, timeout=1200)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+  r = json.loads(out.read_text())
+  b = r["build"]
+  assert (b["encoded_clips"], b["encoded_windows"], b["devices"], b["failed"]) == (3, 6, 1, {})
+  assert b["windows_per_s"] > 0 and b["clips_per_s_per_device"] == pytest.approx(b["windows_per_s"] / 2)
+  for name in ("online", "cached"):
+    run = r[name]
+    assert run["iterations"] == 3 and all(loss == loss for loss in run["loss"])
+    assert run["iter_over_step"] == pytest.approx(run["iter_s"] / run["step_s"])
+  assert "trainer cached" in proc.stdout and "clips/s per device" in proc.stdout
