@@ -12,8 +12,8 @@ cached and their windows, clips missing, entries or a header that do not fit the
 ``--vae`` whether the cache was encoded with ``config.vae``'s weights (loads them).
 
 Exit status 0 when every file is usable (and the cache fits), 1 otherwise, 2 for a mistake in the
-command (a missing folder or config file: one ``error:`` line). The trainer calls :func:`check_dataset`
-at start (``data.check_at_start``) and either stops with the report or, with
+command (a missing folder or config file: one ``error:`` line). The trainer calls
+:func:`check_dataset` at start (``data.check_at_start``) and either stops with the report or, with
 ``data.skip_bad_files``, leaves the bad files out and reports their number.
 """
 

@@ -284,7 +284,8 @@ class CacheReport:
       lines.append(f"  note: the caption of {len(self.caption_changed)} clip(s) changed since caching "
                    f"({_names(self.caption_changed)}); their latents are still valid")
     if self.unfinished:
-      lines.append(f"  note: {self.unfinished} unfinished entries of an interrupted build (the next build removes them)")
+      lines.append(f"  note: {self.unfinished} unfinished entries of an interrupted build (the next build "
+                   "removes them)")
     return "\n".join(lines)
 
   def error(self) -> str:

@@ -78,6 +78,25 @@ class _Clip:
   failed: bool = False
 
 
+class _NoBar:
+  """What the build calls on a progress bar, doing nothing (``progress=False``: tqdm not needed)."""
+
+  def update(self, n: int = 1) -> None:
+    del n
+
+  def set_postfix(self, **kwargs: Any) -> None:
+    del kwargs
+
+  def close(self) -> None:
+    pass
+
+
+def _progress_bar(total: int, desc: str):
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+
+  return tqdm(total=total, unit="clip", desc=desc, dynamic_ncols=True)  # rate and ETA
+
+
 def _encoder(config: Any, devices: list) -> tuple[Callable, Any]:
   """(jitted uint8 windows [D,3,T,H,W] -> VAE means, the VAE params) over a 1-D mesh of ``devices``."""
   import jax  # pylint: disable=import-outside-toplevel
@@ -173,10 +192,8 @@ def build_cache(
     result.encoded_clips += 1
     bar.update(1)
 
-  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-
   desc = "caching latents" + (f" (process {process_index + 1}/{process_count})" if process_count > 1 else "")
-  bar = tqdm(total=len(todo), unit="clip", desc=desc, disable=not progress, dynamic_ncols=True)
+  bar = _progress_bar(len(todo), desc) if progress else _NoBar()
   lookahead = 2 * len(devices) + decode_workers
   pending_batch = None  # (device result, items) dispatched but not yet fetched
   t_first = None
