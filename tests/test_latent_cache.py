@@ -260,6 +260,8 @@ def test_a_cache_of_another_setting_is_one_error_naming_what_differs(built, over
 
 def test_missing_clips_and_foreign_entries_are_named(built, tmp_path):
   config, cache_dir, _ = built
+  with pytest.raises(latent_cache.LatentCacheError, match=r"nowhere does not exist \(cache.json missing\)"):
+    _loader(_config(config.data.dataset_dir, tmp_path / "nowhere"))
   copy = tmp_path / "cache"
   shutil.copytree(cache_dir, copy)
   shutil.rmtree(copy / "clips" / "sample_0001")

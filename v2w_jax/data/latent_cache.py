@@ -50,6 +50,7 @@ SHAPE_KEYS = ("num_frames", "video_size", "vae", "latent_shape", "dtype")
 HEADER_KEYS = (*SHAPE_KEYS, "vae_fingerprint", "windows_per_clip")
 _ZARR_DTYPES = {"bfloat16": "bfloat16", "float32": "<f4"}
 _MAX_NAMED = 5  # clips named in a one-line error before "and N more"
+_MAX_OPEN = 256  # open entries kept per process (a worker reads many clips, each a few times per epoch)
 
 
 class LatentCacheError(dataset_lib.DataError):
@@ -205,6 +206,8 @@ class LatentCache:
         import tensorstore as ts  # pylint: disable=import-outside-toplevel
 
         arr = ts.open(self._spec(self.entry_path(stem)), open=True, read=True).result()
+        if len(self._arrays) >= _MAX_OPEN:
+          self._arrays.pop(next(iter(self._arrays)))  # the oldest
         self._arrays[stem] = arr
       return arr[window].read().result()
     except Exception as e:  # tensorstore reports I/O and format errors as ValueError and others
@@ -267,6 +270,7 @@ class CacheReport:
   caption_changed: list[str] = dataclasses.field(default_factory=list)  # informational: latents still valid
   unfinished: int = 0  # entries a killed build left under .tmp/ (removed by the next build)
   vae_fingerprint: str = ""
+  absent: bool = False  # no cache (header) at root
 
   @property
   def ok(self) -> bool:
@@ -290,6 +294,10 @@ class CacheReport:
 
   def error(self) -> str:
     """One line: what differs, and the command that fixes it."""
+    build = f"`python tools/cache_latents.py {self.dataset_dir} --config=CONFIG --out={self.root}`"
+    if self.absent:
+      return (f"latent cache {self.root} does not exist ({HEADER_NAME} missing): build it with {build}, or set "
+              "data.latent_cache.dir='' to encode online")
     parts = []
     if self.setting:
       parts.append("built for another setting: " + "; ".join(self.setting))
@@ -298,9 +306,8 @@ class CacheReport:
     if self.missing:
       parts.append(f"no latents for {len(self.missing)} of the {self.num_clips} clips of {self.dataset_dir} "
                    f"({_names(self.missing)})")
-    return (f"latent cache {self.root}: " + "; ".join(parts) + ". Build it for this config with `python "
-            f"tools/cache_latents.py {self.dataset_dir} --config=CONFIG --out={self.root}` (a new folder if the "
-            "setting changed), or set data.latent_cache.dir='' to encode online")
+    return (f"latent cache {self.root}: " + "; ".join(parts) + f". Build it for this config with {build} (a new "
+            "folder if the setting changed), or set data.latent_cache.dir='' to encode online")
 
 
 def check_cache(root: str | os.PathLike, config: Any, videos: Sequence[str | os.PathLike], *,
@@ -309,6 +316,10 @@ def check_cache(root: str | os.PathLike, config: Any, videos: Sequence[str | os.
   cache = LatentCache(root)
   stems = [pathlib.Path(v).stem for v in videos]
   report = CacheReport(str(root), str(dataset_dir), len(stems))
+  if not cache.header_path.exists():
+    report.absent, report.missing = True, stems
+    report.setting.append(f"no {HEADER_NAME}: not a latent cache (yet)")
+    return report
   try:
     header = cache.header()
   except LatentCacheError as e:

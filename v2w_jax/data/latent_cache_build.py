@@ -139,6 +139,8 @@ def build_cache(
   num_frames = int(config.data.num_frames)
   size = tuple(int(s) for s in config.data.video_size)
   windows_per_clip = int(config.data.latent_cache.windows_per_clip)
+  if windows_per_clip < 1:
+    raise ValueError(f"config.data.latent_cache.windows_per_clip={windows_per_clip}: cache at least one window per clip")
   decode_threads = int(config.data.get("decode_threads", 2))
   videos = dataset_lib.list_videos(dataset_dir)
   mine = [(i, str(v)) for i, v in enumerate(videos) if i % process_count == process_index]
