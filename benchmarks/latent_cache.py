@@ -12,9 +12,10 @@ Everything synthetic (no downloads, random weights):
    one metrics row per iteration), without and with ``--config.data.latent_cache.dir``. Once
    ``--iters`` iterations are logged the run is stopped (SIGKILL to its process group: the final
    checkpoint is not what is measured). For the iterations after the first (compilation) it reports
-   the medians of ``data_wait_s``, ``vae_s`` (online: the VAE encode; cached: moving the cached latents
-   to the device and normalising them), ``step_s`` and ``iter_s`` (the time between consecutive
-   metrics rows: the whole loop), and ``iter_s / step_s``.
+   the medians of the trainer's ``data_wait_s``, ``vae_s`` (online: the VAE encode; cached: moving the
+   cached latents to the device and normalising them), ``step_s`` and ``iter_s`` (their sum), the
+   ratio ``iter_s / step_s``, and ``loop_s``, the time between consecutive metrics rows (the whole
+   loop, logging included).
 
 The trainer runs share a persistent compilation cache, so the second one does not compile the step
 again. On one H200::
@@ -144,16 +145,16 @@ def _rows(metrics: pathlib.Path | None) -> list[dict]:
 
 
 def summarize_iterations(rows: list[dict]) -> dict[str, Any]:
-  """Medians over the iterations after the first; ``iter_s`` from consecutive rows' timestamps."""
+  """Medians over the iterations after the first (one metrics row each); ``loop_s`` from their timestamps."""
   if len(rows) < 2:
     raise ValueError(f"need at least 2 logged iterations, got {len(rows)}")
   later = rows[1:]
   med = lambda key: statistics.median(r[f"train/{key}"] for r in later)  # noqa: E731
-  iter_s = statistics.median(b["time"] - a["time"] for a, b in zip(rows, rows[1:]))
-  out = {"iterations": len(rows), "data_wait_s": med("data_wait_s"), "vae_s": med("vae_s"), "step_s": med("step_s"),
-         "iter_s": iter_s, "loss": [r["train/loss"] for r in rows]}
-  out["measured_s"] = out["data_wait_s"] + out["vae_s"] + out["step_s"]
-  out["iter_over_step"] = iter_s / out["step_s"]
+  out = {"iterations": len(rows), "data_wait_s": med("data_wait_s"), "vae_s": med("vae_s"), "step_s": med("step_s")}
+  out["iter_s"] = statistics.median(r["train/data_wait_s"] + r["train/vae_s"] + r["train/step_s"] for r in later)
+  out["iter_over_step"] = out["iter_s"] / out["step_s"]
+  out["loop_s"] = statistics.median(b["time"] - a["time"] for a, b in zip(rows, rows[1:]))
+  out["loss"] = [r["train/loss"] for r in rows]
   return out
 
 
@@ -223,7 +224,7 @@ def _print(results: dict[str, Any]) -> None:
     if name in results:
       r = results[name]
       print(f"trainer {name:6s}: data wait {r['data_wait_s']:.4f} s, vae {r['vae_s']:.4f} s, step {r['step_s']:.3f} s, "
-            f"iteration {r['iter_s']:.3f} s = {r['iter_over_step']:.3f}x the step")
+            f"iteration {r['iter_s']:.3f} s = {r['iter_over_step']:.3f}x the step (loop {r['loop_s']:.3f} s)")
   print(json.dumps(results, default=float))
 
 

@@ -10,22 +10,25 @@ run continues where it stopped when started again; with several processes (the l
 ``launch/``) each encodes its share of the clips, on all of its GPUs. Logic in
 ``v2w_jax/data/latent_cache_build.py``; layout in ``v2w_jax/data/latent_cache.py``.
 
-Exit status 0 when every clip of this process is cached, 1 otherwise (the clips left out are listed).
+Exit status 0 when every clip of this process is cached, 1 when some are left out (listed), 2 for a
+mistake in the command, config, data or weights (one ``error:`` line), e.g. ``--out`` holding a cache
+of another setting.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from absl import app, flags  # noqa: E402  pylint: disable=wrong-import-position
-from ml_collections import config_flags  # noqa: E402  pylint: disable=wrong-import-position
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py)", lock_config=True)
+from v2w_jax import config_cli  # noqa: E402  pylint: disable=wrong-import-position
+from v2w_jax import user_errors  # noqa: E402  pylint: disable=wrong-import-position
+
+_CONFIG = config_cli.ConfigFlag(None, "experiment config file (configs/*.py)", doc=__doc__)
 _OUT = flags.DEFINE_string("out", "", "cache folder (default: config.data.latent_cache.dir, else DATASET/latent_cache)")
 _WORKERS = flags.DEFINE_integer("decode_workers", 4, "threads decoding and resizing windows")
 _JSON = flags.DEFINE_string("json", "", "also write this process's summary (counts, timings) as JSON here")
@@ -38,24 +41,21 @@ def main(argv: list[str]) -> int:
   distributed.initialize()  # before anything touches a JAX backend
   import jax  # pylint: disable=import-outside-toplevel
 
-  from v2w_jax.convert.load import WeightsError  # pylint: disable=import-outside-toplevel
-  from v2w_jax.data import dataset as dataset_lib  # pylint: disable=import-outside-toplevel
   from v2w_jax.data import latent_cache  # pylint: disable=import-outside-toplevel
   from v2w_jax.data import latent_cache_build  # pylint: disable=import-outside-toplevel
+  from v2w_jax.logging_setup import setup_logging  # pylint: disable=import-outside-toplevel
 
-  logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+  setup_logging()
   config = _CONFIG.value
   if len(argv) > 2:
-    print(f"error: one DATASET folder expected, got {argv[1:]}", file=sys.stderr)
-    return 1
+    return user_errors.report(f"one DATASET folder expected, got {argv[1:]}")
   dataset_dir = argv[1] if len(argv) > 1 else config.data.dataset_dir
   out = _OUT.value or config.data.latent_cache.dir or str(pathlib.Path(dataset_dir) / latent_cache.DEFAULT_DIRNAME)
-  try:
-    result = latent_cache_build.build_cache(config, dataset_dir, out, decode_workers=_WORKERS.value,
-                                            progress=not _QUIET.value)
-  except (dataset_lib.DataError, WeightsError, ValueError, FileNotFoundError) as err:
-    print(f"error: {err}", file=sys.stderr, flush=True)
-    return 1
+  build = user_errors.main_guard(latent_cache_build.build_cache,
+                                 errors=(user_errors.UserError, ValueError, FileNotFoundError))
+  result = build(config, dataset_dir, out, decode_workers=_WORKERS.value, progress=not _QUIET.value)
+  if isinstance(result, int):  # the exit status of a reported error
+    return result
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
 
@@ -76,5 +76,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config"])
-  app.run(lambda argv: sys.exit(main(argv)))
+  app.run(main, flags_parser=_CONFIG.flags_parser)
