@@ -62,10 +62,11 @@ def main(argv: list[str]) -> int:
     multihost_utils.sync_global_devices("cache_latents done")  # every share written before the summary
   s = result.summary()
   tag = f"process {result.process_index}/{result.process_count}: " if result.process_count > 1 else ""
+  speed = (f", {s['windows_per_s']:.3g} windows/s after the first batch on {result.devices} device(s) = "
+           f"{s['clips_per_s_per_device']:.3g} clips/s per device" if result.steady_windows else "")
   print(f"{tag}{out}: {result.encoded_clips} clips encoded ({result.encoded_windows} windows), "
         f"{result.already_cached} already cached, {len(result.failed)} left out, of {result.clips}; "
-        f"{result.seconds:.1f} s, {s['windows_per_s']:.3g} windows/s after the first batch on "
-        f"{result.devices} device(s) = {s['clips_per_s_per_device']:.3g} clips/s per device", flush=True)
+        f"{result.seconds:.1f} s{speed}", flush=True)
   for path, reason in result.failed.items():
     print(f"  LEFT OUT {path}: {reason}", flush=True)
   if _JSON.value:
