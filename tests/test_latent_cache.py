@@ -162,6 +162,16 @@ def test_a_killed_build_leaves_no_half_entry_and_the_next_run_completes_it(built
   _assert_same_entries(_entries(out), _entries(cache_dir))
 
 
+def test_an_unreadable_clip_is_left_out_and_named_the_others_are_cached(built, tmp_path):
+  config, _, _ = built
+  data = tmp_path / "data"
+  shutil.copytree(config.data.dataset_dir, data)
+  (data / "videos" / "sample_0001.mp4").write_bytes(b"not a video")
+  result = _build(_config(data), tmp_path / "cache")
+  assert list(result.failed) == [str(data / "videos" / "sample_0001.mp4")]
+  assert latent_cache.LatentCache(tmp_path / "cache").committed() == {"sample_0000", "sample_0002"}
+
+
 def test_build_refuses_a_cache_of_another_setting_before_loading_the_vae(built, monkeypatch):
   config, cache_dir, _ = built
   config = _config(config.data.dataset_dir, cache_dir, windows=2)

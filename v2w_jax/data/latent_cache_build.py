@@ -114,6 +114,106 @@ def _encoder(config: Any, devices: list) -> tuple[Callable, Any]:
   return (lambda videos: encode(params, jax.device_put(videos, batch))), params
 
 
+class _Build:
+  """One process's build: plans clips, decodes their windows ahead in a thread pool, commits entries."""
+
+  def __init__(self, config: Any, cache: cache_lib.LatentCache, header: dict, result: BuildResult, *,
+               batch: int, decode_workers: int, progress: bool, t_start: float):
+    self.t_start, self.t_first = t_start, None
+    self.num_frames = int(config.data.num_frames)
+    self.size = tuple(int(s) for s in config.data.video_size)
+    self.windows_per_clip = int(header["windows_per_clip"])
+    self.decode_threads = int(config.data.get("decode_threads", 2))
+    self.cache, self.result, self.batch = cache, result, batch
+    self.decode_workers = max(1, decode_workers)
+    self.shape_meta = {k: header[k] for k in (*cache_lib.SHAPE_KEYS, "vae_fingerprint")}
+    desc = "caching latents"
+    if result.process_count > 1:
+      desc += f" (process {result.process_index + 1}/{result.process_count})"
+    self.bar = _progress_bar(result.clips - result.already_cached, desc) if progress else _NoBar()
+
+  def fail(self, path: str, err: Exception) -> None:
+    reason = str(err).removeprefix(f"{path}: ")
+    self.result.failed[path] = reason
+    _log.warning("leaving out %s: %s", path, reason)
+
+  def plan(self, index: int, path: str) -> _Clip | None:
+    """The clip's windows (starts over the frame count the online reader sees); None if unusable."""
+    try:
+      caption = dataset_lib.read_caption(path)
+      total = video_lib.open_reader(path, num_threads=self.decode_threads).total
+      starts = video_lib.spread_starts(total, self.num_frames, self.windows_per_clip)
+    except (dataset_lib.DataError, video_lib.VideoError, ValueError) as e:
+      self.fail(path, e)
+      return None
+    return _Clip(index, path, starts, total, text_lib.caption_key(caption), means=[None] * len(starts))
+
+  def windows(self, todo: list[tuple[int, str]]):
+    """(clip, window k, start), clip after clip."""
+    for index, path in todo:
+      clip = self.plan(index, path)
+      if clip is not None:
+        for k, start in enumerate(clip.starts):
+          yield clip, k, start
+
+  def decoded_batches(self, todo: list[tuple[int, str]]):
+    """Lists of ``self.batch`` (or, at the end, fewer) decoded windows: ([(clip, k)], [uint8 video])."""
+    lookahead = 2 * self.batch + self.decode_workers
+    source = self.windows(todo)
+    queue: collections.deque = collections.deque()
+    with concurrent.futures.ThreadPoolExecutor(self.decode_workers) as pool:
+
+      def refill():
+        while len(queue) < lookahead and (item := next(source, None)) is not None:
+          clip, k, start = item
+          queue.append((clip, k, pool.submit(video_lib.decode_clip, clip.path, self.num_frames, start=start,
+                                             size=self.size, num_threads=self.decode_threads)))
+
+      refill()
+      while queue:
+        items, videos = [], []
+        while queue and len(items) < self.batch:
+          clip, k, future = queue.popleft()
+          refill()
+          try:
+            decoded = future.result()
+          except (video_lib.VideoError, ValueError, OSError) as e:
+            if not clip.failed:
+              clip.failed = True
+              self.fail(clip.path, e)
+            continue
+          if not clip.failed:
+            clip.fps = decoded.fps
+            items.append((clip, k))
+            videos.append(decoded.video)
+        if items:
+          yield items, videos
+
+  def fetch(self, items: list[tuple[_Clip, int]], device_means: Any) -> None:
+    """Waits for a dispatched batch, stores its windows and commits each clip whose windows are all
+    there (rows past ``items`` are padding). Times the first batch (compilation) apart from the rest."""
+    means = np.asarray(device_means)
+    now = time.perf_counter()
+    if self.t_first is None:
+      self.t_first = now
+      self.result.first_batch_s = now - self.t_start
+    else:
+      self.result.steady_windows += len(items)
+    for (clip, k), mean in zip(items, means):
+      clip.means[k] = mean
+      if clip.failed or any(m is None for m in clip.means):
+        continue
+      attrs = dict(clip=pathlib.Path(clip.path).stem, video=pathlib.Path(clip.path).name,
+                   window_starts=clip.starts, fps=clip.fps, total_frames=clip.total_frames,
+                   caption_key=clip.caption_key, **self.shape_meta)
+      self.cache.write_entry(attrs["clip"], np.stack(clip.means), attrs, process_index=self.result.process_index)
+      clip.means = []
+      self.result.encoded_clips += 1
+      self.bar.update(1)
+    self.result.encoded_windows += len(items)
+    self.bar.set_postfix(windows=self.result.encoded_windows, failed=len(self.result.failed))
+
+
 def build_cache(
     config: Any,
     dataset_dir: str | os.PathLike,
@@ -128,6 +228,7 @@ def build_cache(
 
   Raises:
     DataError: the dataset folder is unusable, or ``out_dir`` holds latents of another setting.
+    ValueError: ``data.latent_cache.windows_per_clip`` < 1.
   """
   import jax  # pylint: disable=import-outside-toplevel
 
@@ -136,12 +237,10 @@ def build_cache(
   t_start = time.perf_counter()
   if process_index is None or process_count is None:
     process_index, process_count = jax.process_index(), jax.process_count()
-  num_frames = int(config.data.num_frames)
-  size = tuple(int(s) for s in config.data.video_size)
   windows_per_clip = int(config.data.latent_cache.windows_per_clip)
   if windows_per_clip < 1:
-    raise ValueError(f"config.data.latent_cache.windows_per_clip={windows_per_clip}: cache at least one window per clip")
-  decode_threads = int(config.data.get("decode_threads", 2))
+    raise ValueError(f"config.data.latent_cache.windows_per_clip={windows_per_clip}: cache at least one window "
+                     "per clip")
   videos = dataset_lib.list_videos(dataset_dir)
   mine = [(i, str(v)) for i, v in enumerate(videos) if i % process_count == process_index]
 
@@ -157,105 +256,19 @@ def build_cache(
   done = cache.committed()
   todo = [(i, p) for i, p in mine if pathlib.Path(p).stem not in done]
   result.already_cached = len(mine) - len(todo)
-  shape_meta = {k: header[k] for k in (*cache_lib.SHAPE_KEYS, "vae_fingerprint")}
+  build = _Build(config, cache, header, result, batch=len(devices), decode_workers=decode_workers,
+                 progress=progress, t_start=t_start)
 
-  def plan(index: int, path: str) -> _Clip | None:
-    try:
-      caption = dataset_lib.read_caption(path)
-      total = video_lib.open_reader(path, num_threads=decode_threads).total
-      starts = video_lib.spread_starts(total, num_frames, windows_per_clip)
-    except (dataset_lib.DataError, video_lib.VideoError, ValueError) as e:
-      fail(path, e)
-      return None
-    return _Clip(index, path, starts, total, text_lib.caption_key(caption))
-
-  def fail(path: str, err: Exception) -> None:
-    reason = str(err).removeprefix(f"{path}: ")
-    result.failed[path] = reason
-    _log.warning("leaving out %s: %s", path, reason)
-
-  def windows():
-    """(clip, window k, start) in clip order."""
-    for index, path in todo:
-      clip = plan(index, path)
-      if clip is not None:
-        clip.means = [None] * len(clip.starts)
-        for k, start in enumerate(clip.starts):
-          yield clip, k, start
-
-  def finish(clip: _Clip, k: int, mean: np.ndarray) -> None:
-    clip.means[k] = mean
-    if clip.failed or any(m is None for m in clip.means):
-      return
-    attrs = dict(clip=pathlib.Path(clip.path).stem, video=pathlib.Path(clip.path).name, window_starts=clip.starts,
-                 fps=clip.fps, total_frames=clip.total_frames, caption_key=clip.caption_key, **shape_meta)
-    cache.write_entry(attrs["clip"], np.stack(clip.means), attrs, process_index=process_index)
-    clip.means = []
-    result.encoded_clips += 1
-    bar.update(1)
-
-  desc = "caching latents" + (f" (process {process_index + 1}/{process_count})" if process_count > 1 else "")
-  bar = _progress_bar(len(todo), desc) if progress else _NoBar()
-  lookahead = 2 * len(devices) + decode_workers
-  pending_batch = None  # (device result, items) dispatched but not yet fetched
-  t_first = None
-
-  def fetch(batch_out, items) -> None:
-    nonlocal t_first
-    means = np.asarray(batch_out)
-    if t_first is None:
-      t_first = time.perf_counter()
-      result.first_batch_s = t_first - t_start
-    else:
-      result.steady_windows += len(items)
-    for (clip, k), mean in zip(items, means):
-      finish(clip, k, mean)
-    result.encoded_windows += len(items)
-    bar.set_postfix(windows=result.encoded_windows, failed=len(result.failed))
-
-  with concurrent.futures.ThreadPoolExecutor(max(1, decode_workers)) as pool:
-    queue: collections.deque = collections.deque()
-    source = windows()
-
-    def refill():
-      while len(queue) < lookahead:
-        item = next(source, None)
-        if item is None:
-          return
-        clip, k, start = item
-        queue.append((clip, k, pool.submit(video_lib.decode_clip, clip.path, num_frames, start=start, size=size,
-                                           num_threads=decode_threads)))
-
-    refill()
-    while queue:
-      items, videos_np = [], []
-      while queue and len(items) < len(devices):
-        clip, k, future = queue.popleft()
-        refill()
-        try:
-          decoded = future.result()
-        except (video_lib.VideoError, ValueError, OSError) as e:
-          if not clip.failed:
-            clip.failed = True
-            fail(clip.path, e)
-          continue
-        if clip.failed:
-          continue
-        clip.fps = decoded.fps
-        items.append((clip, k))
-        videos_np.append(decoded.video)
-      if not items:
-        continue
-      n = len(items)
-      batch = np.stack(videos_np + [videos_np[-1]] * (len(devices) - n))  # pad to one window per device
-      out = encode(batch)
-      if pending_batch is not None:
-        fetch(*pending_batch)
-      pending_batch = (out, items)  # padding rows are dropped by fetch (zip with items)
-    if pending_batch is not None:
-      fetch(*pending_batch)
-  bar.close()
+  pending = None  # the next batch is dispatched before the previous one is fetched and written
+  for items, videos in build.decoded_batches(todo):
+    out = encode(np.stack(videos + [videos[-1]] * (len(devices) - len(videos))))  # one window per device
+    if pending is not None:
+      build.fetch(*pending)
+    pending = (items, out)
+  if pending is not None:
+    build.fetch(*pending)
+  build.bar.close()
   result.seconds = time.perf_counter() - t_start
-  if t_first is not None:
-    result.steady_s = time.perf_counter() - t_first
+  if build.t_first is not None:
+    result.steady_s = time.perf_counter() - build.t_first
   return result
