@@ -70,7 +70,7 @@ class Model:
   vae_cfg: vae_lib.VAEConfig
   vae_params: Any
   encode: Any  # jitted (vae_params, video uint8 [B,3,T,H,W]) -> latents fp32
-  normalize: Any  # jitted cached VAE means [B,z,t,h,w] -> the latents `encode` gives for the same clips
+  normalize: Any = None  # jitted cached VAE means [B,z,t,h,w] -> the latents `encode` gives for the same clips
 
 
 def dit_config(config) -> DiTConfig:
