@@ -9,7 +9,10 @@ the trainer only normalises it on device.
 
 What is stored is the VAE's posterior mean in the VAE's compute dtype (bf16 for the recipe), before
 the latent normalisation (``models/vae.encode_mean``): the online encode is
-``normalize_latents(encode_mean(...))``, so the step sees the same latents bit for bit.
+``normalize_latents(encode_mean(...))``, so the step sees the latents the online path computes for
+the window -- bit for bit on CPU when each device encodes one clip, as the recipe trains and as the
+cache encodes (a convolution may round a clip differently next to others in a batch; on GPUs XLA
+autotunes convolution algorithms per process, which can round differently, online too).
 
 Layout (zarr v2 arrays through tensorstore, on a local or shared POSIX file system)::
 

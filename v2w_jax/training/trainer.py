@@ -134,7 +134,7 @@ def device_batch(model: Model, host_batch: dict, sharding) -> dict:
   """A loader batch -> the step's global batch: latents, text embeddings, padding mask.
 
   Video batches are VAE-encoded; latent-cache batches (``latents``: the cached VAE means) are only
-  normalised, which gives the same latents the encode gives for the same window, bit for bit.
+  normalised, which gives the latents the encode gives for the same window (``data/latent_cache.py``).
   """
   cached = "latents" in host_batch
   keys = ("latents" if cached else "video", "text_embeddings", "padding_mask")
