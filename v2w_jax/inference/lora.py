@@ -45,7 +45,7 @@ def parse_lora_flag(text: str) -> list[AdapterRequest]:
       continue
     path, scale = item, 1.0
     head, sep, tail = item.rpartition(":")
-    if sep:
+    if sep and not os.path.exists(item):  # an existing path may contain ':' itself
       try:
         path, scale = head, float(tail)
       except ValueError:
