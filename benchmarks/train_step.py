@@ -46,6 +46,12 @@ from v2w_jax.training import trainer
 SHAPES = {"720p": (24, 88, 160), "480p": (8, 60, 104), "tiny": (3, 4, 6)}
 
 
+def _mesh_axes(array: jax.Array) -> list:
+  """The mesh axis (or None) of each dimension of a sharded array."""
+  spec = tuple(array.sharding.spec)
+  return [spec[i] if i < len(spec) else None for i in range(array.ndim)]
+
+
 def run(shape: str, remat: str, precision: str, steps: int, warmup: int, config_name: str, backend: str,
         mesh_sizes: dict[str, int] | None = None, profile_dir: str | None = None, lora: bool = False) -> dict:
   config = common.load_config(config_name)
@@ -72,7 +78,11 @@ def run(shape: str, remat: str, precision: str, steps: int, warmup: int, config_
     lora_info = {"rank": int(config.lora.rank), "alpha": float(config.lora.alpha), "targets": config.lora.targets,
                  "trainable_params": count(state.params), "frozen_params": count(state.frozen),
                  "frozen_dtype": str(jax.tree.leaves(state.frozen)[0].dtype),
-                 "trainable_dtype": str(jax.tree.leaves(state.params)[0].dtype)}
+                 "trainable_dtype": str(jax.tree.leaves(state.params)[0].dtype),
+                 # an adapter is sharded like its layer: A on the layer's input axis, B on its output axis
+                 "shardings": {f"mlp.layer1.{name}": _mesh_axes(tree["blocks"]["mlp"]["layer1"][name])
+                               for tree, name in ((state.frozen, "kernel"), (state.params, "lora_a"),
+                                                  (state.params, "lora_b"))}}
   train_step = step_lib.make_jitted_train_step(config, mesh, dit.apply_fn(dit_cfg), state_sh, tx=tx)
   k = jax.random.split(jax.random.key(0), 2)
   batch = {
