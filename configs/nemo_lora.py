@@ -7,11 +7,12 @@ against the 2.06 B of the base). Only the adapters train (float32, with their ow
 the base weights from ``checkpoint.load_path`` stay frozen in bf16.
 
 Memory at 720p: the frozen bf16 base is 3.8 GiB and the adapters' state under 1 GiB, so activations
-decide. ``save_attention`` keeps ~60 GiB of them (four tokens x D tensors per block), ``full`` ~20 GiB
-but recomputes every attention forward (+2.6 s per step). ``save_self_attention`` keeps only the
-self-attention results (~9.5 GiB) and recomputes the cheap rest (cross-attention has 512 keys), so
-the step stays near the full fine-tune's time within the 45 GiB budget. The adapters' rank-32
-intermediates (x·A) are tiny and recomputed with everything else.
+decide. With ``save_attention`` they measure ~58 GiB (docs/performance.md: the saved attention results
+alone are ~38 GiB above ``full``); ``full`` needs ~20 GiB but reruns every attention forward (+2.5 s
+per step). ``save_self_attention`` keeps only the self-attention results (~9.5 GiB) and recomputes
+the cheap rest (cross-attention has 512 keys), aiming at the full fine-tune's step time within a
+45 GiB budget. The adapters' rank-32 intermediates (x·A, 84,480 x 32 per layer) are tiny and are
+recomputed with everything else; the base layers' weight gradients are never computed.
 
 Run::
 
