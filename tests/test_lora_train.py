@@ -6,6 +6,8 @@ resume, export and import) are in ``test_lora_e2e.py``.
 
 from __future__ import annotations
 
+import json
+
 import jax
 import ml_dtypes
 import numpy as np
@@ -21,6 +23,7 @@ from v2w_jax.parallel import mesh as mesh_lib
 from v2w_jax.training import checkpoint as ckpt_lib
 from v2w_jax.training import lora as lora_train
 from v2w_jax.training import optim as optim_lib
+from v2w_jax.training import resume as resume_lib
 from v2w_jax.training import step as step_lib
 from v2w_jax.training import trainer
 
@@ -29,7 +32,7 @@ RANK = 4
 
 def _config(**lora_fields):
   config = tiny.get_config()
-  config.lora.update(dict(rank=RANK, alpha=8.0, **lora_fields))
+  config.lora.update({"rank": RANK, "alpha": 8.0, **lora_fields})
   return config
 
 
@@ -121,26 +124,33 @@ def test_adapters_that_do_not_fit_the_config_fail_clearly(tmp_path):
 
 def test_resume_checks_lora_settings_and_base_weights(tmp_path):
   config = _config()
-  _, cfg, _, abstract, _, initial_state = _build(config)
+  _, cfg, tx, abstract, _, initial_state = _build(config)
   state = initial_state()
-  meta = lora_train.checkpoint_meta(state, config)
+  meta = {"config": json.loads(config.to_json_best_effort()), **lora_train.checkpoint_meta(state, config)}
   assert meta["lora"]["rank"] == RANK and meta["lora"]["base_dtype"] == "bfloat16"
   checkpointer = ckpt_lib.Checkpointer(tmp_path / "ck", keep=2, async_save=False)
   checkpointer.save(5, lora_train.saved_part(state), None, meta)
   checkpointer.close()
-  lora_train.check_resume(config, tmp_path / "ck", 5)
-  restored, got_meta = ckpt_lib.Checkpointer(tmp_path / "ck", keep=2).restore(
-      5, lora_train.saved_part(abstract), None)
-  resumed = lora_train.resume_state(restored, got_meta, config, cfg, abstract, 5)
-  for a, b in zip(_leaves(resumed), _leaves(state)):
+
+  def resume(cfg_now, abstract_now):
+    checkpointer = ckpt_lib.Checkpointer(tmp_path / "ck", keep=2)
+    try:
+      restored = resume_lib.restore_newest_intact(checkpointer, lora_train.saved_part(abstract_now), None,
+                                                  config=cfg_now, job=tmp_path)
+      return lora_train.resume_state(restored.state, checkpointer.saved_meta(5), cfg_now,
+                                     trainer.dit_config(cfg_now), abstract_now, 5)
+    finally:
+      checkpointer.close()
+
+  for a, b in zip(_leaves(resume(config, abstract)), _leaves(state)):
     np.testing.assert_array_equal(a, b)
   other = _config()
   other.seed = 7  # another random base
-  with pytest.raises(lora_train.BaseWeightsMismatchError, match="trained on base weights"):
-    lora_train.resume_state(restored, got_meta, other, cfg, abstract, 5)
-  other = _config()
-  other.lora.rank = 8
-  with pytest.raises(ValueError, match="trained with LoRA rank 4"):
-    lora_train.check_resume(other, tmp_path / "ck", 5)
-  with pytest.raises(ValueError, match="LoRA run's checkpoint"):
-    lora_train.check_resume(tiny.get_config(), tmp_path / "ck", 5)
+  with pytest.raises(lora_train.BaseWeightsMismatchError, match="--config.seed=0"):
+    resume(other, abstract)
+  other = _config(alpha=16.0)
+  with pytest.raises(ValueError, match="lora.alpha=8"):
+    resume(other, abstract)
+  for other in (_config(rank=8), tiny.get_config()):  # another rank; LoRA off
+    with pytest.raises(resume_lib.IncompatibleCheckpoint, match=f"lora.rank {RANK} -> {other.lora.rank}"):
+      resume(other, _build(other)[3])

@@ -23,8 +23,6 @@ from typing import Any
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
-from etils import epath
 
 from v2w_jax.convert import dit as convert_dit
 from v2w_jax.convert import load as load_lib
@@ -32,8 +30,6 @@ from v2w_jax.convert import lora as convert_lora
 from v2w_jax.convert import params_io, torch_pt
 from v2w_jax.models import lora as lora_lib
 from v2w_jax.models.dit_config import DiTConfig
-
-META_ITEM = "meta"
 
 
 @dataclasses.dataclass
@@ -52,20 +48,12 @@ class Adapters:
     return self.spec.scale
 
 
-def train_checkpoint_meta(state_dir: str | os.PathLike) -> dict:
-  """The JSON metadata saved beside a training checkpoint's ``state`` item ({} if none)."""
-  meta_dir = pathlib.Path(state_dir).absolute().parent / META_ITEM
-  if not (meta_dir / "metadata").is_file():
-    return {}
-  return dict(ocp.JsonCheckpointHandler().restore(epath.Path(meta_dir)) or {})
-
-
 def lora_train_meta(path: str | os.PathLike) -> dict | None:
   """``meta['lora']`` of the training checkpoint at ``path``, or None (not one, or not a LoRA run)."""
   state_dir = load_lib.resolve_train_state_dir(path)
   if state_dir is None:
     return None
-  return train_checkpoint_meta(state_dir).get("lora")
+  return load_lib.train_checkpoint_meta(state_dir).get("lora")
 
 
 def _stored_adapters_abstract(tree: Any) -> Any:

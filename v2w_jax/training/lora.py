@@ -16,14 +16,14 @@ reference LoRA ``.pt``), or from ``lora.init_path``.
 
 A checkpoint holds only :class:`TrainState` (adapters, their optimizer state and EMA) plus, in its
 metadata, LoRA settings and a fingerprint of the base weights (``convert/fingerprint.py``) and their
-path. Resuming loads the base again from ``checkpoint.load_path`` and stops with
-:class:`BaseWeightsMismatchError` when its fingerprint differs.
+path. Resuming (``training/resume.py`` checks the adapters' shapes against the config) loads the
+base again from ``checkpoint.load_path`` and stops with :class:`BaseWeightsMismatchError` when its
+fingerprint differs.
 """
 
 from __future__ import annotations
 
 import logging
-import pathlib
 from typing import Any
 
 import flax.struct
@@ -199,25 +199,7 @@ def checkpoint_meta(state: Any, config) -> dict:
   dtype = base_dtype(config)
   return {"lora": {"rank": spec.rank, "alpha": spec.alpha, "targets": list(spec.targets),
                    "base_fingerprint": fingerprint(state.frozen, dtype), "base_dtype": dtype.name,
-                   "base_path": str(config.checkpoint.load_path or "") or f"random (seed {int(config.seed)})"}}
-
-
-def check_resume(config, checkpoints_dir: str | pathlib.Path, step: int) -> None:
-  """Before restoring: the job's checkpoint and the config agree on LoRA (on/off, rank, alpha, targets)."""
-  meta = lora_load.train_checkpoint_meta(pathlib.Path(checkpoints_dir) / str(step) / "state").get("lora")
-  spec = lora_spec(config)
-  where = f"{checkpoints_dir}/{step}"
-  if meta is None and spec is not None:
-    raise ValueError(f"{where} is a full fine-tune's checkpoint but config.lora.rank={spec.rank}: resume it "
-                     "without LoRA, or start the LoRA run under another --config.job.name")
-  if meta is not None and spec is None:
-    raise ValueError(f"{where} is a LoRA run's checkpoint (rank {meta.get('rank')}): resume it with its LoRA "
-                     f"settings (configs/nemo_lora.py, --config.lora.rank={meta.get('rank')})")
-  if meta is not None and (int(meta["rank"]) != spec.rank or float(meta["alpha"]) != spec.alpha
-                           or tuple(meta["targets"]) != spec.targets):
-    raise ValueError(f"{where} was trained with LoRA rank {meta['rank']}, alpha {meta['alpha']:g}, targets "
-                     f"{','.join(meta['targets'])}; the config has rank {spec.rank}, alpha {spec.alpha:g}, targets "
-                     f"{','.join(spec.targets)}")
+                   "base_path": str(config.checkpoint.load_path or ""), "base_seed": int(config.seed)}}
 
 
 def resume_state(restored: TrainState, meta: dict, config, dit_cfg: DiTConfig, abstract_state: Any,
@@ -228,14 +210,20 @@ def resume_state(restored: TrainState, meta: dict, config, dit_cfg: DiTConfig, a
   """
   if not isinstance(abstract_state, LoRATrainState):
     return restored
+  saved = meta.get("lora") or {}
+  spec = dit_cfg.lora
+  if float(saved.get("alpha", spec.alpha)) != spec.alpha:  # rank and layers were checked with the state's shapes
+    raise ValueError(f"the LoRA checkpoint at step {step} was trained with lora.alpha={saved['alpha']:g}, the config "
+                     f"has {spec.alpha:g}: resume with --config.lora.alpha={saved['alpha']:g}")
   base, _ = load_base(config, dit_cfg, abstract_state.frozen, jax.random.key(config.seed))
-  saved = (meta.get("lora") or {})
   got = fingerprint(base, base_dtype(config))
   if saved.get("base_fingerprint") != got:
+    path = saved.get("base_path", "")
+    fix = (f"--config.checkpoint.load_path={path}" if path else
+           f"an empty checkpoint.load_path and --config.seed={saved.get('base_seed', '<its seed>')} (random base)")
     raise BaseWeightsMismatchError(
-        f"the LoRA checkpoint at step {step} was trained on base weights {saved.get('base_path', '?')} "
-        f"(fingerprint {str(saved.get('base_fingerprint'))[:16]}), but checkpoint.load_path="
-        f"{config.checkpoint.load_path or '(empty: random)'} has other weights (fingerprint {got[:16]}): "
-        f"resume with --config.checkpoint.load_path={saved.get('base_path', '<the base it started from>')}")
+        f"the LoRA checkpoint at step {step} was trained on other base weights ({path or 'random'}, fingerprint "
+        f"{str(saved.get('base_fingerprint'))[:16]}) than checkpoint.load_path="
+        f"{config.checkpoint.load_path or '(empty: random)'} gives (fingerprint {got[:16]}): resume with {fix}")
   return LoRATrainState(step=restored.step, params=restored.params, opt_state=restored.opt_state,
                         ema_params=restored.ema_params, frozen=base)
