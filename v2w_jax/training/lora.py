@@ -161,6 +161,12 @@ def build_state(config, mesh: jax.sharding.Mesh, dit_cfg: DiTConfig, tx) -> tupl
   return abstract, state_sh, initial_state
 
 
+def _frozen_init_cfg(config, dit_cfg: DiTConfig) -> DiTConfig:
+  """The DiT config for random draws: base weights made in their frozen dtype (no float32 copy of a
+  large model on the device; adapters are float32 whatever the config)."""
+  return dit_cfg.replace(param_dtype=base_dtype(config).name)
+
+
 def load_base(config, dit_cfg: DiTConfig, abstract_base: Any, key: jax.Array) -> tuple[Any, Any]:
   """(base weights placed per ``abstract_base``, adapters stored with them or None)."""
   path = str(config.checkpoint.load_path or "")
@@ -169,7 +175,8 @@ def load_base(config, dit_cfg: DiTConfig, abstract_base: Any, key: jax.Array) ->
                  int(config.seed))
     shardings = jax.tree.map(lambda a: a.sharding, abstract_base)
     draw = lambda k: jax.tree.map(lambda x, a: x.astype(a.dtype),  # noqa: E731
-                                  lora_lib.split_params(dit.init_params(dit_cfg, k))[0], abstract_base)
+                                  lora_lib.split_params(dit.init_params(_frozen_init_cfg(config, dit_cfg), k))[0],
+                                  abstract_base)
     return jax.jit(draw, out_shardings=shardings)(key), None
   return lora_load.read_base_and_adapters(path, dit_cfg.replace(lora=None), abstract_base, alpha=dit_cfg.lora.alpha)
 
@@ -181,7 +188,7 @@ def _initial_adapters(config, dit_cfg: DiTConfig, stored: lora_load.Adapters | N
     stored = lora_load.read_adapters(init_path, dit_cfg.replace(lora=None), alpha=dit_cfg.lora.alpha)
   if stored is None:
     shardings = jax.tree.map(lambda a: a.sharding, abstract)
-    fresh = lambda k: lora_lib.split_params(dit.init_params(dit_cfg, k))[1]  # noqa: E731
+    fresh = lambda k: lora_lib.split_params(dit.init_params(_frozen_init_cfg(config, dit_cfg), k))[1]  # noqa: E731
     return jax.jit(fresh, out_shardings=shardings)(key)
   _check_adapters(stored, dit_cfg.lora, abstract)
   _log.info("LoRA adapters start from %s", stored.source)
