@@ -8,13 +8,19 @@ model TFLOP/s (the reference anchor's formula, ``training/flops.py``) and MFU.
 
     python -m benchmarks.train_step --shape=720p --json=out.json [--remat=save_attention]
         [--precision=fp32_master|reference_bf16] [--steps=3] [--tiny] [--config=nemo_14b]
-        [--data=1 --fsdp=1 --context=1] [--profile=DIR]
+        [--data=1 --fsdp=1 --context=1] [--profile=DIR] [--lora]
 
 With several GPUs the mesh flags spread the step: the global batch is one clip per data-parallel
 replica (``data x fsdp``), and ``--context`` splits each clip's tokens (Ulysses). The result then also
 gives the time per clip and the per-GPU throughput, for scaling against one GPU. ``--profile`` records
 one extra step with the JAX profiler and writes a per-kernel-category summary
 (``benchmarks/profile_summary.py``).
+
+``--lora`` times LoRA post-training with ``configs/nemo_lora.py``'s settings (rank 32, alpha 32 on the
+attention projections and MLP layers; frozen bf16 base, float32 adapters; remat
+``save_self_attention`` unless ``--remat`` says otherwise): the same step with gradients, AdamW and
+EMA on the adapters only. ``model_tflop`` still counts a full fine-tune's work (the formula of the
+reference anchor), so compare LoRA by step time and memory.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import jax.numpy as jnp
 
 from benchmarks import common
 from benchmarks import profile_summary as profile_lib
+from configs import nemo_lora
 from v2w_jax.models import dit
 from v2w_jax.parallel import mesh as mesh_lib
 from v2w_jax.parallel import sharding as sharding_lib
@@ -39,9 +46,17 @@ from v2w_jax.training import trainer
 SHAPES = {"720p": (24, 88, 160), "480p": (8, 60, 104), "tiny": (3, 4, 6)}
 
 
+def _mesh_axes(array: jax.Array) -> list:
+  """The mesh axis (or None) of each dimension of a sharded array."""
+  spec = tuple(array.sharding.spec)
+  return [spec[i] if i < len(spec) else None for i in range(array.ndim)]
+
+
 def run(shape: str, remat: str, precision: str, steps: int, warmup: int, config_name: str, backend: str,
-        mesh_sizes: dict[str, int] | None = None, profile_dir: str | None = None) -> dict:
+        mesh_sizes: dict[str, int] | None = None, profile_dir: str | None = None, lora: bool = False) -> dict:
   config = common.load_config(config_name)
+  if lora:
+    config.lora.update(nemo_lora.get_config().lora)
   for axis, size in (mesh_sizes or {}).items():
     config.mesh[axis] = size
   config.model.remat_policy = remat
@@ -57,6 +72,17 @@ def run(shape: str, remat: str, precision: str, steps: int, warmup: int, config_
   _, state_sh, initial_state = trainer.build_state(config, mesh, types.SimpleNamespace(dit_cfg=dit_cfg), tx)
   state = initial_state()
   state_gib = common.memory_in_use_gib()
+  lora_info = None
+  if lora:
+    count = lambda tree: int(sum(x.size for x in jax.tree.leaves(tree)))  # noqa: E731
+    lora_info = {"rank": int(config.lora.rank), "alpha": float(config.lora.alpha), "targets": config.lora.targets,
+                 "trainable_params": count(state.params), "frozen_params": count(state.frozen),
+                 "frozen_dtype": str(jax.tree.leaves(state.frozen)[0].dtype),
+                 "trainable_dtype": str(jax.tree.leaves(state.params)[0].dtype),
+                 # an adapter is sharded like its layer: A on the layer's input axis, B on its output axis
+                 "shardings": {f"mlp.layer1.{name}": _mesh_axes(tree["blocks"]["mlp"]["layer1"][name])
+                               for tree, name in ((state.frozen, "kernel"), (state.params, "lora_a"),
+                                                  (state.params, "lora_b"))}}
   train_step = step_lib.make_jitted_train_step(config, mesh, dit.apply_fn(dit_cfg), state_sh, tx=tx)
   k = jax.random.split(jax.random.key(0), 2)
   batch = {
@@ -97,6 +123,7 @@ def run(shape: str, remat: str, precision: str, steps: int, warmup: int, config_
       "profile": profile,
       "cudnn_fmha_calls": common.count_in_hlo(hlo, "__cudnn$fmha"),
       "loss": loss,
+      "lora": lora_info,
   }
 
 
@@ -113,14 +140,16 @@ def main():
   for axis in ("data", "fsdp", "context"):
     ap.add_argument(f"--{axis}", type=int, default=1, help=f"mesh {axis} axis size")
   ap.add_argument("--profile", default=None, help="also trace one step into this folder and summarise it")
+  ap.add_argument("--lora", action="store_true", help="LoRA post-training (configs/nemo_lora.py's LoRA settings)")
   ap.add_argument("--json", default=None)
   args = ap.parse_args()
   config_name = "tiny" if args.tiny else args.config
-  remat = args.remat or ("none" if args.tiny else common.load_config(config_name).model.remat_policy)
+  default_remat = (nemo_lora.get_config() if args.lora else common.load_config(config_name)).model.remat_policy
+  remat = args.remat or ("none" if args.tiny else default_remat)
   shape = "tiny" if args.tiny else args.shape
   result = {"device": common.device_info(),
             "result": run(shape, remat, args.precision, args.steps, args.warmup, config_name, args.backend,
-                         dict(data=args.data, fsdp=args.fsdp, context=args.context), args.profile)}
+                         dict(data=args.data, fsdp=args.fsdp, context=args.context), args.profile, args.lora)}
   print(result, flush=True)
   common.write_json(args.json, result)
 

@@ -48,7 +48,7 @@ def model_2b() -> ConfigDict:
           param_dtype="float32",  # master weights; "bfloat16" with optim.precision=reference_bf16
           dtype="bfloat16",  # compute dtype outside the fp32 islands (dit_spec §8)
           attention_backend="auto",  # auto | cudnn | xla  (auto: cudnn on GPU, xla elsewhere)
-          remat_policy="save_attention",  # none | save_attention | save_dots (short clips) | full
+          remat_policy="save_attention",  # none | save_attention | save_self_attention | save_dots | full
           scan_blocks=True,  # lax.scan over blocks: compile time independent of depth
       )
   )
@@ -148,6 +148,18 @@ def get_config() -> ConfigDict:
   )
 
   c.ema = ConfigDict(dict(enabled=True, rate=0.1, iteration_shift=0))
+
+  # LoRA post-training (the reference's model.config.use_lora; configs/nemo_lora.py turns it on): adapters
+  # on the targeted layers are the only trainable parameters, the base weights stay frozen in base_dtype.
+  c.lora = ConfigDict(
+      dict(
+          rank=0,  # 0 = off (full fine-tune); the reference LoRA uses 32
+          alpha=32.0,  # the adapter output is scaled by alpha / rank
+          targets="q_proj,k_proj,v_proj,output_proj,mlp.layer1,mlp.layer2",  # peft names, comma-separated
+          base_dtype="bfloat16",  # the frozen base weights (no fp32 master copy)
+          init_path="",  # adapters to start from (adapters .pt, LoRA .pt, LoRA job checkpoint); "" = fresh
+      )
+  )
 
   c.data = ConfigDict(
       dict(

@@ -63,6 +63,22 @@ def test_train_step_benchmark_on_a_cpu_mesh_with_profile(tmp_path, repo_root):
   assert r["profile"]["kernels"] > 0 and r["profile"]["by_category_ms"]
 
 
+def test_train_step_benchmark_lora_on_a_cpu_mesh(tmp_path, repo_root):
+  """--lora: only adapters train (float32) beside a frozen bf16 base, sharded like their layers."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+  out = tmp_path / "r.json"
+  subprocess.run([sys.executable, "-m", "benchmarks.train_step", "--tiny", "--lora", "--fsdp=2", "--context=2",
+                  "--steps=1", f"--json={out}"], cwd=repo_root, env=env, check=True, capture_output=True, timeout=600)
+  r = json.loads(out.read_text())["result"]
+  lora = r["lora"]
+  assert (lora["rank"], lora["alpha"]) == (32, 32.0)
+  assert lora["trainable_dtype"] == "float32" and lora["frozen_dtype"] == "bfloat16"
+  assert 0 < lora["trainable_params"] < lora["frozen_params"]
+  assert lora["shardings"] == {"mlp.layer1.kernel": [None, "fsdp", None],
+                               "mlp.layer1.lora_a": [None, "fsdp", None], "mlp.layer1.lora_b": [None, None, None]}
+  assert r["loss"] == r["loss"] and r["loss"] > 0
+
+
 def _reshard(repo_root, mode, folder, devices, *mesh_flags):
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
   return subprocess.run([sys.executable, "-m", "benchmarks.checkpoint_reshard", mode, f"--dir={folder}", "--tiny",

@@ -2,7 +2,8 @@
 
 CPU part: the policy logic (names, primitive names) and the residuals ``jax.checkpoint`` keeps.
 GPU part (skipped without a GPU): the compiled HLO runs the cuDNN attention forward once per
-attention under ``save_attention`` (no recompute) and twice under ``full`` (perf_notes.md).
+attention under ``save_attention`` (no recompute) and twice under ``full`` (perf_notes.md); under
+``save_self_attention`` only the cross-attention forward runs twice.
 """
 
 from __future__ import annotations
@@ -41,6 +42,15 @@ def test_policy_logic():
   assert not full(_Prim("dot_product_attention_fwd_wrapper"), aval)
   assert not full(ad_checkpoint_internal.name_p, aval, name=ATTENTION_OUT_NAME)
   assert remat.checkpoint_policy("none") is None
+  # save_self_attention: only the cuDNN call whose keys are the queries' tokens (not the text).
+  self_only = remat.checkpoint_policy("save_self_attention")
+  video = jax.core.ShapedArray((1, 96, 4, 32), jnp.bfloat16)
+  text = jax.core.ShapedArray((1, 7, 4, 32), jnp.bfloat16)
+  for name in remat.CUDNN_ATTENTION_FWD_PRIMITIVES:
+    assert self_only(_Prim(name), video, video, video)
+    assert not self_only(_Prim(name), video, text, text)
+  assert not self_only(ad_checkpoint_internal.name_p, video, name=ATTENTION_OUT_NAME)
+  assert not self_only(jax.lax.dot_general_p, video, video)
   with pytest.raises(ValueError):
     remat.checkpoint_policy("bogus")
 
@@ -75,11 +85,12 @@ def test_scan_residuals_keep_stacked_attention_outputs():
   attn_shape = (cfg.num_blocks, 1, tokens, cfg.num_heads, cfg.head_dim)
   counts = {}
   dots = {}
-  for policy in ("none", "full", "save_attention", "save_dots"):
+  for policy in ("none", "full", "save_attention", "save_self_attention", "save_dots"):
     res = _residuals(cfg.replace(remat_policy=policy))
     counts[policy] = (len(res), sum(tuple(a.shape) == attn_shape for a, _ in res))
     dots[policy] = sum("from the argument" not in d and a.shape[:1] == (cfg.num_blocks,) for a, d in res)
   assert counts["full"][1] == 0
+  assert counts["save_self_attention"] == counts["full"]  # no cuDNN call to keep on CPU: as full
   assert counts["save_attention"][1] == 2  # self- and cross-attention output, stacked over blocks
   assert counts["save_attention"][0] == counts["full"][0] + 2
   assert counts["none"][0] > counts["save_attention"][0]
@@ -100,7 +111,7 @@ def test_cudnn_forward_not_recomputed_under_save_attention(scan_blocks):
   inputs = dit.dummy_inputs(cfg, frames=2, height=16, width=16, text_len=8)
   params = dit.init_params(cfg, jax.random.key(0))
   counts = {}
-  for policy in ("full", "save_attention"):
+  for policy in ("full", "save_attention", "save_self_attention"):
     c = cfg.replace(remat_policy=policy)
     loss = lambda p, c=c: dit.DiT(c).apply({"params": p}, *inputs).sum()
     hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
@@ -108,3 +119,5 @@ def test_cudnn_forward_not_recomputed_under_save_attention(scan_blocks):
   per_stack = 1 if scan_blocks else cfg.num_blocks  # a scan body holds one block
   assert counts["save_attention"] == (2 * per_stack, 2 * per_stack), counts
   assert counts["full"] == (4 * per_stack, 2 * per_stack), counts
+  # Only the cross-attention forward runs again.
+  assert counts["save_self_attention"] == (3 * per_stack, 2 * per_stack), counts

@@ -19,6 +19,12 @@ Examples::
         --output /tmp/model_ema_bf16.pt --dtype bfloat16
     # the Wan VAE
     python tools/convert_torch_ckpt.py --kind vae --input checkpoints/Wan2.1_VAE.pth --output checkpoints/wan_vae
+    # a LoRA run (configs/nemo_lora.py): its EMA adapters in peft's layout (+ lora_adapters.pt.json), or
+    # the merged model base + (alpha/r)·B·A for the reference's plain inference
+    python tools/convert_torch_ckpt.py --lora=adapters --input outputs/.../checkpoints --output lora_adapters.pt
+    python tools/convert_torch_ckpt.py --lora=merged --input outputs/.../checkpoints --output model_ema_bf16.pt
+    # a reference LoRA net's .pt (….base_layer.weight + lora_A/lora_B) -> params folder with both
+    python tools/convert_torch_ckpt.py --input reference_lora.pt --output checkpoints/dit_2b_lora
 
 The model's size comes from the checkpoint itself: a ``.pt``'s tensor shapes, the config a params
 folder was written with, or a training checkpoint's saved run config. ``--config`` overrides it: a
@@ -51,6 +57,7 @@ from v2w_jax.user_errors import UserError, main_guard  # noqa: E402
 KINDS = ("dit", "vae")
 DIRECTIONS = ("to_orbax", "to_torch")
 WEIGHTS = ("ema", "regular")
+LORA_EXPORTS = ("adapters", "merged")
 _MAX_PROBLEM_LINES = 12
 
 
@@ -71,12 +78,19 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                  help="configs/*.py (uses .model / .vae) or a fixture config.json (reference kwargs); default: "
                  "the model described by the checkpoint itself")
   p.add_argument("--weights", choices=WEIGHTS, default="ema",
-                 help="to_torch from a training checkpoint: the EMA weights (default) or the regular ones")
+                 help="to_torch from a training checkpoint: the EMA weights (default) or the regular ones (also "
+                 "the adapters of a LoRA run)")
   p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                  help="to_torch: output float dtype (default bfloat16); to_orbax: stored dtype "
                  "(default: the config's param_dtype)")
   p.add_argument("--prefix", default="net.", help="DiT key prefix in the .pt (default 'net.')")
   p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+  p.add_argument("--lora", choices=LORA_EXPORTS, default=None,
+                 help="from a LoRA run (training checkpoint or LoRA params folder): 'adapters' = the adapters "
+                 "alone in peft's layout (float32, with <output>.json), 'merged' = base + (alpha/r)·B·A")
+  p.add_argument("--base", default="", help="--lora=merged: base weights (default: the path the run recorded)")
+  p.add_argument("--lora_alpha", type=float, default=None,
+                 help="LoRA alpha of .pt adapters that do not record it (default: --config's lora.alpha, else 32)")
   return p.parse_args(argv)
 
 
@@ -168,12 +182,77 @@ def _check_kind(path: Any, asked: str | None, found: str | None) -> str:
   return kind
 
 
+def _lora_alpha(args: argparse.Namespace) -> float:
+  """--lora_alpha, else --config's lora.alpha, else the reference's 32."""
+  from v2w_jax.models.lora import REFERENCE_ALPHA  # pylint: disable=import-outside-toplevel
+
+  if args.lora_alpha is not None:
+    return float(args.lora_alpha)
+  if args.config and pathlib.Path(args.config).suffix == ".py":
+    section = _load_config_file(pathlib.Path(args.config)).get("lora")
+    if section is not None:
+      return float(section.get("alpha", REFERENCE_ALPHA))
+  return REFERENCE_ALPHA
+
+
+def _lora_source_config(args: argparse.Namespace) -> Any:
+  """The plain DiT config of a LoRA run's checkpoint or LoRA params folder (--config overrides)."""
+  if args.config:
+    return build_config("dit", args.config).replace(lora=None)
+  form = load_lib.checkpoint_kind(args.input)
+  if form == "train":
+    fields = (load_lib.train_checkpoint_meta(load_lib.resolve_train_state_dir(args.input)).get("config") or {})
+    fields = fields.get("model")
+  elif form == "params":
+    fields = params_io.load_metadata(args.input).get("config")
+  else:
+    raise ConvertError(f"--input {args.input}: --lora exports from a LoRA run's checkpoint or a LoRA params folder")
+  if not isinstance(fields, dict):
+    raise ConvertError(f"{args.input}: no model config saved with it; pass --config=configs/<its config>.py")
+  return _config_from_fields("dit", fields).replace(lora=None)
+
+
+def lora_to_torch(args: argparse.Namespace) -> None:
+  """--lora=adapters | merged from a LoRA training checkpoint or params folder."""
+  from v2w_jax.convert import lora_export  # pylint: disable=import-outside-toplevel
+
+  cfg = _lora_source_config(args)
+  kw = dict(alpha=_lora_alpha(args), use_ema=args.weights == "ema", overwrite=args.overwrite)
+  print(f"writing {args.output} ...", flush=True)
+  if args.lora == "adapters":
+    lora_export.export_adapters(args.input, args.output, cfg, **kw)
+  else:
+    lora_export.export_merged(args.input, args.output, cfg, base=args.base or None, dtype=args.dtype, **kw)
+
+
+def _lora_to_orbax(args: argparse.Namespace, state: Any) -> None:
+  """A reference LoRA net's .pt (base_layer weights + adapters) -> params folder with both."""
+  from v2w_jax.convert import lora as convert_lora  # pylint: disable=import-outside-toplevel
+  from v2w_jax.convert import lora_export  # pylint: disable=import-outside-toplevel
+
+  base_state, _ = convert_lora.split_state_dict(state)
+  cfg = (build_config("dit", args.config) if args.config
+         else infer.dit_config_from_shapes(base_state, prefix=args.prefix)).replace(lora=None)
+  print(f"writing {args.output} (base weights + LoRA adapters) ...", flush=True)
+  try:
+    lora_export.import_lora_pt(args.input, args.output, cfg, alpha=_lora_alpha(args), dtype=args.dtype,
+                               overwrite=args.overwrite,
+                               metadata={"dtype": args.dtype or "config", "config": _config_metadata(cfg)})
+  except ValueError as e:
+    raise _mismatch(args.input, "dit", cfg, args.config, e) from e
+
+
 def to_orbax(args: argparse.Namespace) -> None:
   if not pathlib.Path(args.input).is_file():
     raise ConvertError(f"--input {args.input}: a folder; to_orbax reads a .pt/.pth file (a params folder or a "
                        "training checkpoint goes --direction to_torch)")
   state = torch_pt.load(args.input)
   kind = _check_kind(args.input, args.kind, infer.detect_kind(state, args.prefix))
+  from v2w_jax.convert import lora as convert_lora  # pylint: disable=import-outside-toplevel
+
+  if kind == "dit" and convert_lora.is_lora_state_dict(state.keys()):  # a reference LoRA net
+    _lora_to_orbax(args, state)
+    return
   if args.config:
     cfg = build_config(kind, args.config)
   elif kind == "dit":
@@ -240,6 +319,8 @@ def _train_checkpoint_params(args: argparse.Namespace, state_dir: pathlib.Path) 
 def _params_folder(args: argparse.Namespace) -> tuple[str, Any, Any]:
   """(kind, params, config) of a params folder written by to_orbax."""
   meta = params_io.load_metadata(args.input)
+  if meta.get("lora"):
+    raise ConvertError(f"{args.input}: base weights with LoRA adapters: pass --lora=adapters or --lora=merged")
   params = params_io.load_params(args.input)
   found = meta.get("kind") or ("dit" if "x_embedder" in params else "vae" if "encoder" in params else None)
   kind = _check_kind(args.input, args.kind, found)
@@ -257,6 +338,11 @@ def to_torch(args: argparse.Namespace) -> None:
     raise ConvertError(f"--input {args.input}: already a PyTorch checkpoint; to_torch reads a params folder or a "
                        "training checkpoint (<job>/checkpoints/<step>)")
   if form == "train":
+    from v2w_jax.convert import lora_load  # pylint: disable=import-outside-toplevel
+
+    if lora_load.lora_train_meta(args.input) is not None:
+      raise ConvertError(f"{args.input}: a LoRA run's checkpoint (adapters only): pass --lora=adapters or "
+                         "--lora=merged")
     params, cfg = _train_checkpoint_params(args, load_lib.resolve_train_state_dir(args.input))
     kind = "dit"
   else:
@@ -286,7 +372,10 @@ def main(argv: list[str] | None = None) -> int:
   if not pathlib.Path(args.input).exists():
     raise ConvertError(f"--input {args.input}: no such file or folder")
   direction = args.direction or ("to_torch" if pathlib.Path(args.input).is_dir() else "to_orbax")
-  (to_orbax if direction == "to_orbax" else to_torch)(args)
+  if args.lora:
+    lora_to_torch(args)
+  else:
+    (to_orbax if direction == "to_orbax" else to_torch)(args)
   print(f"done: {args.output}")
   return 0
 

@@ -7,6 +7,7 @@ Usage::
         # or --checkpoint=checkpoints/dit_params         # converted params folder (tools/convert_torch_ckpt.py)
         # or --checkpoint=checkpoints/..._ema_bf16.pt    # reference checkpoint, converted on the fly
         --vae_checkpoint=checkpoints/Wan2.1_VAE.pth --output_dir=outputs/generate
+        [--lora=outputs/.../checkpoints:0.8,other_adapters.pt:0.5]   # LoRA adapters, blended
 
 ``--spec`` takes this port's sample lists (``assets/sample_spec.json``) and the reference's own spec files
 as they are (``{"inference_type": ..., "samples": {NAME: {"prompt_path" | "prompt", "input_path"}}}``,
@@ -57,6 +58,10 @@ _TEXT_ENCODER = flags.DEFINE_string(
 _NEGATIVE = flags.DEFINE_string("negative_prompt_embedding", "",
                                 "Default negative-prompt embedding .npy for samples without their own.")
 _KEEP_GOING = flags.DEFINE_bool("keep_going", False, "Continue with the next sample after a failure.")
+_LORA = flags.DEFINE_string(
+    "lora", "", "LoRA adapters merged into the DiT weights once, before sampling: PATH[:SCALE][,PATH[:SCALE]...] "
+    "(a LoRA run's checkpoint folder, an adapters .pt or a reference LoRA .pt; SCALE multiplies alpha/r, "
+    "default 1). See v2w_jax/inference/lora.py.")
 
 _log = logging.getLogger("v2w_jax.generate")
 
@@ -81,7 +86,7 @@ def spec_defaults(config, negative_prompt_embedding: str | None = None):
 
 
 def build_pipeline(config, *, checkpoint: str = "", vae_checkpoint: str = "", allow_random_weights: bool = False,
-                   use_ema: bool = True, seed: int = 0):
+                   use_ema: bool = True, seed: int = 0, lora: str = ""):
   """The pipeline for ``config`` with weights from the given (or the config's) checkpoints.
 
   Returns:
@@ -109,9 +114,15 @@ def build_pipeline(config, *, checkpoint: str = "", vae_checkpoint: str = "", al
       raise ValueError(f"no weights given for {', '.join(missing)} (nor in the config); pass them, or "
                        "--allow_random_weights for a smoke run")
     _log.warning("RANDOM weights for %s: the output is noise (smoke run)", ", ".join(missing))
+  from v2w_jax.inference import lora as lora_lib  # pylint: disable=import-outside-toplevel
+
+  requests = lora_lib.parse_lora_flag(lora)
   t0 = time.perf_counter()
-  dit_params = (weights.load_dit_params(dit_path, dit_cfg, use_ema=use_ema) if dit_path
-                else weights.random_dit_params(dit_cfg, seed))
+  dit_params, merged = lora_lib.load_dit_params(
+      dit_path, dit_cfg, requests, use_ema=use_ema, alpha=float(_cfg_get(_cfg_get(config, "lora", None), "alpha", 32.0)),
+      base=None if dit_path else weights.random_dit_params(dit_cfg, seed))
+  if merged:
+    info["lora"] = merged
   vae_params = weights.load_vae_params(vae_path, vae_cfg) if vae_path else weights.random_vae_params(vae_cfg, seed)
   info["load_s"] = time.perf_counter() - t0
   mesh = None
@@ -234,7 +245,8 @@ def run(config) -> int:
   check_inputs(specs, VAEConfig.from_config(config.vae).temporal_factor)
   try:
     pipe, info = build_pipeline(config, checkpoint=_CHECKPOINT.value, vae_checkpoint=_VAE_CHECKPOINT.value,
-                                allow_random_weights=_ALLOW_RANDOM.value, use_ema=_USE_EMA.value)
+                                allow_random_weights=_ALLOW_RANDOM.value, use_ema=_USE_EMA.value,
+                                lora=_LORA.value)
   except ValueError as e:  # bad / missing weights (WeightsError), bad objective settings
     raise GenerateError(str(e)) from e
   records = generate_all(specs, pipe, resolver, _OUTPUT_DIR.value, info=info, keep_going=_KEEP_GOING.value)

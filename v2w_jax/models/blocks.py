@@ -38,9 +38,10 @@ class Attention(nn.Module):
     kv_in = context if self.cross else x
     # Cross k/v map the text width to D: EMBED on their output axis lets FSDP shard them.
     kv_names = (R.CROSS_EMBED, R.EMBED) if self.cross else (R.EMBED, R.HEADS)
-    q = dense(d, (R.EMBED, R.HEADS), name="q_proj", **kw)(x)
-    k = dense(d, kv_names, name="k_proj", **kw)(kv_in)
-    v = dense(d, kv_names, name="v_proj", **kw)(kv_in)
+    lora = dict(lora=cfg.lora)  # adapters on the layers cfg.lora targets (models/lora.py)
+    q = dense(d, (R.EMBED, R.HEADS), name="q_proj", **kw, **lora)(x)
+    k = dense(d, kv_names, name="k_proj", **kw, **lora)(kv_in)
+    v = dense(d, kv_names, name="v_proj", **kw, **lora)(kv_in)
     q = q.reshape(*q.shape[:-1], nh, dh)
     k = k.reshape(*k.shape[:-1], nh, dh)
     v = v.reshape(*v.shape[:-1], nh, dh)
@@ -54,7 +55,7 @@ class Attention(nn.Module):
     out = dot_product_attention(q, k, v, backend=cfg.attention_backend,
                                 logical_axis_rules=cfg.logical_axis_rules, self_attention=not self.cross)
     out = out.reshape(*out.shape[:-2], d)
-    return dense(d, (R.HEADS, R.EMBED), name="output_proj", **kw)(out)
+    return dense(d, (R.HEADS, R.EMBED), name="output_proj", **kw, **lora)(out)
 
 
 class MLP(nn.Module):
@@ -65,7 +66,7 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     cfg = self.cfg
-    kw = dict(dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype)
+    kw = dict(dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype, lora=cfg.lora)
     h = dense(cfg.mlp_hidden, (R.EMBED, R.MLP), name="layer1", **kw)(x)
     h = nn.gelu(h, approximate=False)
     return dense(cfg.model_channels, (R.MLP, R.EMBED), name="layer2", **kw)(h)

@@ -14,11 +14,12 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from v2w_jax.models.lora import LoRASpec
 from v2w_jax.parallel import rules as rules_lib
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _BACKENDS = ("auto", "cudnn", "xla")
-_REMAT = ("none", "save_attention", "save_dots", "full")
+_REMAT = ("none", "save_attention", "save_self_attention", "save_dots", "full")
 
 # Reference kwargs that have no effect on this port's forward (no parameters, no numerics).
 _IGNORED_REFERENCE_KWARGS = frozenset({
@@ -95,6 +96,7 @@ class DiTConfig:
   remat_policy: str = "save_attention"
   scan_blocks: bool = True
   logical_axis_rules: tuple[tuple[str, Any], ...] = rules_lib.DEFAULT_RULES
+  lora: LoRASpec | None = None  # LoRA adapters on the targeted block layers (models/lora.py); None = off
 
   def __post_init__(self):
     object.__setattr__(self, "param_dtype", _canonical_dtype(self.param_dtype, "param_dtype"))
@@ -104,6 +106,8 @@ class DiTConfig:
       raise ValueError(f"DiTConfig.attention_backend={self.attention_backend!r}: expected one of {_BACKENDS}")
     if self.remat_policy not in _REMAT:
       raise ValueError(f"DiTConfig.remat_policy={self.remat_policy!r}: expected one of {_REMAT}")
+    if self.lora is not None and not isinstance(self.lora, LoRASpec):
+      raise ValueError(f"DiTConfig.lora must be a LoRASpec or None, got {type(self.lora).__name__}")
     if self.model_channels % self.num_heads:
       raise ValueError(f"model_channels={self.model_channels} is not divisible by num_heads={self.num_heads}")
     if self.head_dim < 6 or self.head_dim % 2:

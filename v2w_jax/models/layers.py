@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from v2w_jax.models.lora import LoRADense, LoRASpec
 from v2w_jax.parallel import rules as R
 
 Names = tuple[str | None, ...]
@@ -32,23 +33,29 @@ def broadcast_fp32_grad(v: jnp.ndarray, shape: tuple[int, ...]) -> jnp.ndarray:
 
 
 def dense(features: int, names: Names, *, dtype: Any, param_dtype: Any, use_bias: bool = False,
-          name: str | None = None, kernel_init: Any = _KERNEL_INIT) -> nn.Module:
+          name: str | None = None, kernel_init: Any = _KERNEL_INIT, lora: LoRASpec | None = None) -> nn.Module:
   """A dense layer with a logically partitioned kernel ``[in, out]`` (and bias ``[out]``).
 
   Without bias this is ``nn.Dense``; with bias it is :class:`BiasedDense` (same parameters and
-  forward, float32-accumulated bias gradient).
+  forward, float32-accumulated bias gradient). With a ``lora`` spec (bias-free layers) it carries
+  LoRA adapters when its module path is one of the spec's targets (``models/lora.py``); parameters
+  and numerics are otherwise those of ``nn.Dense``.
   """
   if use_bias:
+    if lora is not None:
+      raise ValueError(f"dense layer {name}: LoRA adapters are for bias-free layers")
     return BiasedDense(features, names, dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init,
                        name=name)
-  return nn.Dense(
-      features,
+  kw = dict(
       use_bias=False,
       dtype=dtype,
       param_dtype=param_dtype,
       kernel_init=nn.with_logical_partitioning(kernel_init, names),
       name=name,
   )
+  if lora is None:
+    return nn.Dense(features, **kw)
+  return LoRADense(features, names=tuple(names), lora=lora, **kw)
 
 
 class BiasedDense(nn.Module):

@@ -23,6 +23,7 @@ TEXT_IN = "text_in"  # raw text-embedding width (100352)
 CROSS_EMBED = "cross_embed"  # projected text width (1024)
 PATCH = "patch"  # patch-embed in / final-layer out features
 LAYERS = "layers"  # stacked-block axis of scanned parameters
+LORA_RANK = "lora_rank"  # rank r of LoRA adapters (A [in, r], B [r, out]); small, never split
 
 # Activation axes.
 ACT_BATCH = "act_batch"
@@ -43,6 +44,7 @@ DEFAULT_RULES: tuple[tuple[str, object], ...] = (
     (CROSS_EMBED, None),
     (PATCH, None),
     (LAYERS, None),
+    (LORA_RANK, None),
     (ACT_BATCH, ("data", "fsdp")),
     (ACT_LENGTH, "context"),
     (ACT_EMBED, None),

@@ -28,7 +28,7 @@ from v2w_jax.user_errors import UserError
 _log = logging.getLogger(__name__)
 
 # Config groups that decide the train state's structure, shapes and dtypes.
-STATE_CONFIG_GROUPS = ("model", "optim", "ema")
+STATE_CONFIG_GROUPS = ("model", "optim", "ema", "lora")
 _ABSENT = "(absent)"
 
 

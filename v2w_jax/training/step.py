@@ -19,6 +19,9 @@ One call = one optimizer step (the reference ``training_step`` + optimizer hooks
 5. nan/inf gradients → 0, global-norm clipping (pre-clip norm reported as ``grad_norm``), AdamW with
    lr = optim.lr · f(step), power-EMA update with β(step + iteration_shift); step += 1.
 
+A LoRA state (``training/lora.py``) also carries the frozen base weights: the network sees base +
+adapters, and only the adapters (``state.params``) get gradients, optimizer updates and the EMA.
+
 Randomness: the step folds ``state.step`` into ``rng`` (and the microbatch index into that), so the
 caller may pass the run's base key every step; the result is deterministic and resumable.
 
@@ -36,6 +39,7 @@ import optax
 
 from v2w_jax.diffusion.conditioning import make_condition
 from v2w_jax.diffusion.objective import Objective, make_objective
+from v2w_jax.models import lora as lora_lib
 from v2w_jax.models.vae import uint8_to_unit_range as normalize_video  # re-exported: the VAE's input convention
 from v2w_jax.parallel import sharding as sharding_lib
 from v2w_jax.training import ema as ema_lib
@@ -141,17 +145,22 @@ def make_train_step(
   ema_enabled = bool(config.ema.get("enabled", True))
   gamma = ema_lib.power_ema_gamma(float(config.ema.rate)) if ema_enabled else 0.0
   shift = int(config.ema.get("iteration_shift", 0))
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-  def grads_and_metrics(params, batch, key):
+  def trained_loss(params, frozen, batch, key):
+    # LoRA: the network sees base + adapters; only the adapters (params) are differentiated.
+    return loss_fn(params if frozen is None else lora_lib.join_params(frozen, params), batch, key)
+
+  grad_fn = jax.value_and_grad(trained_loss, has_aux=True)
+
+  def grads_and_metrics(params, frozen, batch, key):
     if accum == 1:
-      (_, metrics), grads = grad_fn(params, batch, key)
+      (_, metrics), grads = grad_fn(params, frozen, batch, key)
       return optim_lib.tree_cast(grads, jnp.float32), metrics
     micro = optim_lib.split_microbatches(batch, accum)
 
     def body(g_acc, xs):
       mb, j = xs
-      (_, m), g = grad_fn(params, mb, jax.random.fold_in(key, j))
+      (_, m), g = grad_fn(params, frozen, mb, jax.random.fold_in(key, j))
       g_acc = jax.tree.map(lambda a, x: a + x.astype(jnp.float32), g_acc, g)
       return g_acc, m
 
@@ -162,7 +171,7 @@ def make_train_step(
 
   def train_step(state: TrainState, batch: Batch, rng: jax.Array):
     key = jax.random.fold_in(rng, state.step)
-    grads, metrics = grads_and_metrics(state.params, batch, key)
+    grads, metrics = grads_and_metrics(state.params, getattr(state, "frozen", None), batch, key)
     nonfinite = sum(jnp.sum(~jnp.isfinite(g)) for g in jax.tree.leaves(grads))
     grads, grad_norm = optim_lib.sanitize_and_clip(grads, max_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)

@@ -38,6 +38,7 @@ from v2w_jax.parallel import sharding as sharding_lib
 from v2w_jax.training import checkpoint as ckpt_lib
 from v2w_jax.training import flops as flops_lib
 from v2w_jax.training import logging as log_lib
+from v2w_jax.training import lora as lora_lib
 from v2w_jax.training import optim as optim_lib
 from v2w_jax.training import resume as resume_lib
 from v2w_jax.training import samples as samples_lib
@@ -74,7 +75,8 @@ class Model:
 
 
 def dit_config(config) -> DiTConfig:
-  return DiTConfig.from_config(config.model, logical_axis_rules=tuple(map(tuple, config.mesh.rules)))
+  return DiTConfig.from_config(config.model, logical_axis_rules=tuple(map(tuple, config.mesh.rules)),
+                               lora=lora_lib.lora_spec(config))
 
 
 def build_model(config, mesh, random_vae_dir: pathlib.Path) -> Model:
@@ -99,6 +101,8 @@ def build_model(config, mesh, random_vae_dir: pathlib.Path) -> Model:
 
 def build_state(config, mesh, model: Model, tx):
   """Abstract state + shardings, and a function creating the initial state (random or loaded)."""
+  if model.dit_cfg.lora is not None:  # adapters train, the base is frozen (training/lora.py)
+    return lora_lib.build_state(config, mesh, model.dit_cfg, tx)
   boxed = dit.abstract_variables(model.dit_cfg)["params"]
   param_sh = sharding_lib.param_shardings_from_boxed(boxed, mesh, model.dit_cfg.logical_axis_rules)
   init_fn = state_lib.state_init_fn(lambda k: dit.init_params(model.dit_cfg, k), tx, config)
@@ -197,14 +201,18 @@ def resume_or_init(config, mesh, model: Model, tx, data_iter, workdir: pathlib.P
   checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep,
                                        async_save=config.checkpoint.async_save)
   try:
-    restored = resume_lib.restore_newest_intact(checkpointer, abstract_state, data_iter, config=config, job=workdir)
+    # A LoRA checkpoint holds the state without its frozen base, which is loaded again and checked.
+    restored = resume_lib.restore_newest_intact(checkpointer, lora_lib.saved_part(abstract_state), data_iter,
+                                                config=config, job=workdir)
     if restored is None:
       return initial_state(), 0, state_sh, checkpointer
+    state = lora_lib.resume_state(restored.state, checkpointer.saved_meta(restored.step) or {}, config,
+                                  model.dit_cfg, abstract_state, restored.step)
   except BaseException:
     checkpointer.close()
     raise
   _log.info("resumed from %s", checkpointer.step_dir(restored.step))
-  return restored.state, restored.step, state_sh, checkpointer
+  return state, restored.step, state_sh, checkpointer
 
 
 def write_config_json(workdir: pathlib.Path, config) -> None:
@@ -268,7 +276,7 @@ def train(config) -> dict[str, Any]:
   # ---- Steps -----------------------------------------------------------------------------------
   train_step = step_lib.make_jitted_train_step(config, mesh, dit.apply_fn(model.dit_cfg), state_sh, tx=tx)
   eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(config, dit.apply_fn(model.dit_cfg)), mesh,
-                                     state_sh.params)
+                                     lora_lib.model_params(state_sh))
   batch_sh = sharding_lib.batch_sharding(mesh)
   t_lat = 1 + (int(config.data.num_frames) - 1) // 4
   h_lat, w_lat = (int(s) // 8 for s in config.data.video_size)
@@ -280,12 +288,13 @@ def train(config) -> dict[str, Any]:
     return device_batch(model, host_batch, batch_sh)
 
   def save(step: int, *, force: bool = False):
-    meta = {"step": step, "seed": int(config.seed), "config": json.loads(config.to_json_best_effort())}
-    checkpointer.save(step, state, data_iter, meta, force=force)
+    meta = {"step": step, "seed": int(config.seed), "config": json.loads(config.to_json_best_effort()),
+            **lora_lib.checkpoint_meta(state, config)}
+    checkpointer.save(step, lora_lib.saved_part(state), data_iter, meta, force=force)
 
   def validate() -> dict[str, float]:
     """EMA loss at fixed timesteps on the first batches of the validation set (the same each time)."""
-    params = state.ema_params if state.ema_params is not None else state.params
+    params = lora_lib.model_params(state, ema=True)
     totals: dict[str, list[float]] = {}
     for i, host_batch in enumerate(val_batches):
       batch = model_batch(host_batch)
@@ -352,7 +361,7 @@ def train(config) -> dict[str, Any]:
         if run_validation and step % int(config.trainer.validation_iter) == 0:
           logger.log(step, validate(), prefix="val")
         if sample_iter > 0 and step % sample_iter == 0:
-          sampler.write(step, state, host_batch)
+          sampler.write(step, lora_lib.model_view(state), host_batch)
         if guard.requested:
           _log.warning("%s received: saved step %d, exiting", guard.signal_name, step)
           preempted = guard.signal_name
