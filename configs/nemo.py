@@ -47,7 +47,7 @@ def model_2b() -> ConfigDict:
           rope_bf16_exponents=True,  # what the real bf16 reference net computes (dit_spec §4.5)
           param_dtype="float32",  # master weights; "bfloat16" with optim.precision=reference_bf16
           dtype="bfloat16",  # compute dtype outside the fp32 islands (dit_spec §8)
-          attention_backend="auto",  # auto | cudnn | xla  (auto: cudnn on GPU, xla elsewhere)
+          attention_backend="auto",  # auto | fa3 | cudnn | xla  (auto: fa3 on Hopper if installed, else cudnn; xla off GPU)
           remat_policy="save_attention",  # none | save_attention | save_dots (short clips) | full
           scan_blocks=True,  # lax.scan over blocks: compile time independent of depth
       )

@@ -2,11 +2,13 @@
 
 * ``none``: no remat; the backward keeps every intermediate.
 * ``full``: each block is recomputed in the backward (saves only the block inputs).
-* ``save_attention``: recompute everything except the attention results: the tensor named
-  :data:`~v2w_jax.models.attention.ATTENTION_OUT_NAME` **and** every output of the cuDNN fused-attention
-  forward primitive. Saving only the named output is not enough with cuDNN: its backward also needs
-  the softmax statistics (the primitive's second output), and without them the forward kernel runs
-  again. Mirrors the reference SAC mode ``predict2_2b_720_aggressive`` (saves the flash-attn ops).
+* ``save_attention``: recompute everything except the attention results: every output of a fused
+  attention kernel's forward primitive (cuDNN or FlashAttention-3: the attention output and the softmax
+  statistics its backward needs; without them the forward kernel runs again), or, for the XLA kernel,
+  the tensor named :data:`~v2w_jax.models.attention.ATTENTION_OUT_NAME`. The fused kernels' outputs are
+  deliberately not named too: under ``nn.scan`` each saved value becomes its own stacked residual, so
+  a named copy of the kernel's output would hold every attention output twice (18 GiB at 720p).
+  Mirrors the reference SAC mode ``predict2_2b_720_aggressive`` (saves the flash-attn ops).
 * ``save_dots``: ``save_attention`` plus the output of every matrix multiply; only elementwise work
   (norms, RoPE, modulation, GELU) is recomputed. About 11 extra ``tokens x D`` bf16 tensors per
   block: for short clips (480p: ~16 GiB) this is cheaper than recomputing the projections and far
@@ -20,6 +22,7 @@ from typing import Any
 
 import jax
 
+from v2w_jax.models import fa3
 from v2w_jax.models.attention import ATTENTION_OUT_NAME
 
 POLICIES = ("none", "save_attention", "save_dots", "full")
@@ -30,11 +33,13 @@ CUDNN_ATTENTION_FWD_PRIMITIVES = frozenset({
     "dot_product_attention_fwd_wrapper",
     "dot_product_attention_fwd",
 })
+# Every fused kernel's forward primitive whose outputs (attention output + softmax statistics) are kept.
+ATTENTION_KERNEL_FWD_PRIMITIVES = CUDNN_ATTENTION_FWD_PRIMITIVES | {fa3.FWD_PRIMITIVE}
 
 
-def save_cudnn_attention_outputs(prim: Any, *_: Any, **__: Any) -> bool:
-  """Policy: save the outputs (incl. softmax stats) of the cuDNN attention forward primitive."""
-  return getattr(prim, "name", None) in CUDNN_ATTENTION_FWD_PRIMITIVES
+def save_attention_kernel_outputs(prim: Any, *_: Any, **__: Any) -> bool:
+  """Policy: save the outputs (incl. softmax stats) of a fused attention kernel's forward primitive."""
+  return getattr(prim, "name", None) in ATTENTION_KERNEL_FWD_PRIMITIVES
 
 
 def checkpoint_policy(name: str) -> Callable[..., bool] | None:
@@ -44,7 +49,7 @@ def checkpoint_policy(name: str) -> Callable[..., bool] | None:
   if name in ("save_attention", "save_dots"):
     attention = jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.save_only_these_names(ATTENTION_OUT_NAME),
-        save_cudnn_attention_outputs,
+        save_attention_kernel_outputs,
     )
     if name == "save_attention":
       return attention
