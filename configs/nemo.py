@@ -147,7 +147,16 @@ def get_config() -> ConfigDict:
       )
   )
 
-  c.ema = ConfigDict(dict(enabled=True, rate=0.1, iteration_shift=0))
+  c.ema = ConfigDict(
+      dict(
+          enabled=True,
+          rate=0.1,
+          iteration_shift=0,
+          offload=False,  # keep the fp32 EMA in pinned host memory (-4 bytes/param of device memory)
+          offload_update="in_step",  # in_step | separate (the update as a program of its own)
+          every_n_steps=1,  # >1: update after every N-th step with the window's decay (approximate)
+      )
+  )
 
   c.data = ConfigDict(
       dict(

@@ -73,6 +73,16 @@ def ema_update(ema: Any, params: Any, beta: jax.Array, *, on_host: bool = False)
   return jax.device_put(new, jax.memory.Space.Host) if on_host else new
 
 
+def to_device(tree: Any) -> Any:
+  """An offloaded EMA copied to device memory (same sharding) for evaluation or sampling; arrays
+  already on the device are returned as they are."""
+  def one(a):
+    kind = getattr(a.sharding, "memory_kind", None)
+    return a if kind in (None, "device") else jax.device_put(a, a.sharding.with_memory_kind("device"))
+
+  return None if tree is None else jax.tree.map(one, tree)
+
+
 OFFLOAD_UPDATES = ("in_step", "separate")
 
 

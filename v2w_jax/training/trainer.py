@@ -34,6 +34,7 @@ from v2w_jax.models.dit_config import DiTConfig
 from v2w_jax.parallel import mesh as mesh_lib
 from v2w_jax.parallel import sharding as sharding_lib
 from v2w_jax.training import checkpoint as ckpt_lib
+from v2w_jax.training import ema as ema_lib
 from v2w_jax.training import flops as flops_lib
 from v2w_jax.training import logging as log_lib
 from v2w_jax.training import optim as optim_lib
@@ -106,7 +107,8 @@ def build_state(config, mesh, model: Model, tx):
   init_fn = state_lib.state_init_fn(lambda k: dit.init_params(model.dit_cfg, k), tx, config)
   key = jax.random.key(config.seed)
   abstract_state = jax.eval_shape(init_fn, key)
-  state_sh = sharding_lib.train_state_shardings(abstract_state, param_sh, tx, mesh)
+  state_sh = sharding_lib.train_state_shardings(abstract_state, param_sh, tx, mesh,
+                                                ema_memory_kind=ema_lib.offload_memory_kind(config.ema))
   abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                 abstract_state, state_sh)
 
@@ -276,7 +278,7 @@ def train(config) -> dict[str, Any]:
 
   def validate() -> dict[str, float]:
     """EMA loss at fixed timesteps on the first batches of the validation set (the same each time)."""
-    params = state.ema_params if state.ema_params is not None else state.params
+    params = ema_lib.to_device(state.ema_params) if state.ema_params is not None else state.params
     totals: dict[str, list[float]] = {}
     for i, host_batch in enumerate(val_batches):
       batch = model_batch(host_batch)
