@@ -199,6 +199,9 @@ def get_config() -> ConfigDict:
           sample_num_steps=35,
           sample_guidance=7.0,
           sample_num_conditional_frames=1,
+          dry_run=False,  # compile the step, print its memory per device, exit (no data, no steps)
+          memory_check=True,  # stop at start when the compiled step's peak exceeds the device memory
+          memory_limit_gib=0.0,  # > 0: check against this many GiB instead (e.g. 80 for an H100 80GB)
       )
   )
 

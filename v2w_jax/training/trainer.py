@@ -37,6 +37,7 @@ from v2w_jax.training import checkpoint as ckpt_lib
 from v2w_jax.training import ema as ema_lib
 from v2w_jax.training import flops as flops_lib
 from v2w_jax.training import logging as log_lib
+from v2w_jax.training import memory as memory_lib
 from v2w_jax.training import optim as optim_lib
 from v2w_jax.training import resume as resume_lib
 from v2w_jax.training import samples as samples_lib
@@ -100,11 +101,11 @@ def build_model(config, mesh, random_vae_dir: pathlib.Path) -> Model:
   return Model(dit_cfg, vae_cfg, vae_params, encode)
 
 
-def build_state(config, mesh, model: Model, tx):
+def build_state(config, mesh, dit_cfg: DiTConfig, tx):
   """Abstract state + shardings, and a function creating the initial state (random or loaded)."""
-  boxed = dit.abstract_variables(model.dit_cfg)["params"]
-  param_sh = sharding_lib.param_shardings_from_boxed(boxed, mesh, model.dit_cfg.logical_axis_rules)
-  init_fn = state_lib.state_init_fn(lambda k: dit.init_params(model.dit_cfg, k), tx, config)
+  boxed = dit.abstract_variables(dit_cfg)["params"]
+  param_sh = sharding_lib.param_shardings_from_boxed(boxed, mesh, dit_cfg.logical_axis_rules)
+  init_fn = state_lib.state_init_fn(lambda k: dit.init_params(dit_cfg, k), tx, config)
   key = jax.random.key(config.seed)
   abstract_state = jax.eval_shape(init_fn, key)
   state_sh = sharding_lib.train_state_shardings(abstract_state, param_sh, tx, mesh,
@@ -118,7 +119,7 @@ def build_state(config, mesh, model: Model, tx):
       return sharding_lib.create_sharded(init_fn, state_sh, key)
     params = load_lib.load_weights(
         load_path, abstract_state.params,
-        lambda sd: convert_dit.torch_to_params(sd, model.dit_cfg), what="DiT")
+        lambda sd: convert_dit.torch_to_params(sd, dit_cfg), what="DiT")
     from_params = state_lib.state_init_fn(lambda p: p, tx, config)
     return jax.jit(from_params, out_shardings=state_sh)(params)
 
@@ -181,7 +182,7 @@ def resume_or_init(config, mesh, model: Model, tx, data_iter, workdir: pathlib.P
   The checkpoint is checked against the model before anything is restored (a changed model is a
   :class:`resume.IncompatibleCheckpoint`); ``data_iter`` continues where the checkpoint left it.
   """
-  abstract_state, state_sh, initial_state = build_state(config, mesh, model, tx)
+  abstract_state, state_sh, initial_state = build_state(config, mesh, model.dit_cfg, tx)
   checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep,
                                        async_save=config.checkpoint.async_save)
   try:
@@ -239,12 +240,21 @@ def train(config) -> dict[str, Any]:
             jax.process_count())
   validate_clip_shape(config)
   validate_mesh(config, mesh, dit_config(config))
+
+  # ---- The compiled step and its memory per device, printed and checked before any data is read --
+  dit_cfg = dit_config(config)
+  tx = optim_lib.make_optimizer(config)
+  abstract_state, state_sh, _ = build_state(config, mesh, dit_cfg, tx)
+  train_step = step_lib.make_jitted_train_step(config, mesh, dit.apply_fn(dit_cfg), state_sh, tx=tx)
+  memory = memory_lib.preflight(config, train_step, abstract_state, memory_lib.abstract_batch(config, mesh, dit_cfg),
+                                jax.random.key(config.seed))
+  if config.trainer.get("dry_run", False):
+    return {"step": 0, "metrics": {}, "job_dir": str(workdir), "memory": memory.as_dict()}
   data_iter, val_batches = open_data(config)
 
   # ---- Model; state: resume (newest intact checkpoint) > load_path > random --------------------
   try:
     model = build_model(config, mesh, workdir / "random_vae")
-    tx = optim_lib.make_optimizer(config)
     state, start, state_sh, checkpointer = resume_or_init(config, mesh, model, tx, data_iter, workdir)
   except BaseException:
     data_iter.close()
@@ -253,7 +263,6 @@ def train(config) -> dict[str, Any]:
   base_rng = jax.random.key(config.seed)
 
   # ---- Steps -----------------------------------------------------------------------------------
-  train_step = step_lib.make_jitted_train_step(config, mesh, dit.apply_fn(model.dit_cfg), state_sh, tx=tx)
   eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(config, dit.apply_fn(model.dit_cfg)), mesh,
                                      state_sh.params)
   batch_sh = sharding_lib.batch_sharding(mesh)
