@@ -172,6 +172,26 @@ def test_fa3_forward_not_recomputed_under_save_attention(monkeypatch):
   assert counts == {"full": 4, "save_attention": 2}, counts
 
 
+def test_offload_attention_moves_the_kept_outputs_to_host_and_changes_no_number(monkeypatch):
+  """offload_attention keeps what save_attention keeps, but in pinned host memory: the gradient
+  program gains host transfers (on CPU they are no-ops) and the gradients are identical."""
+  fa3_fake.install(monkeypatch)
+  inputs = dit.dummy_inputs(TINY, **SHAPE)
+  rng = np.random.default_rng(0)
+  inputs = (rng.standard_normal(inputs[0].shape, np.float32), inputs[1] + 300.0,
+            rng.standard_normal(inputs[2].shape, np.float32)) + inputs[3:]
+  params = dit.init_params(TINY, jax.random.key(0), frames=2, height=4, width=4)
+  grads, transfers = {}, {}
+  for policy in ("save_attention", "offload_attention"):
+    cfg = TINY.replace(remat_policy=policy)
+    loss = lambda p, cfg=cfg: jnp.mean(dit.DiT(cfg).apply({"params": p}, *inputs) ** 2)
+    transfers[policy] = str(jax.make_jaxpr(jax.grad(loss))(params)).count("Host")
+    grads[policy] = jax.jit(jax.grad(loss))(params)
+  assert transfers["save_attention"] == 0 and transfers["offload_attention"] >= 2
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               grads["save_attention"], grads["offload_attention"])
+
+
 def test_policy_names_cover_fa3():
   assert fa3.FWD_PRIMITIVE in remat.ATTENTION_KERNEL_FWD_PRIMITIVES
   assert remat.save_attention_kernel_outputs(fa3_fake.fwd_p)

@@ -18,7 +18,7 @@ from v2w_jax.models.attention import BACKENDS as _BACKENDS
 from v2w_jax.parallel import rules as rules_lib
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-_REMAT = ("none", "save_attention", "save_dots", "full")
+_REMAT = ("none", "save_attention", "save_dots", "full", "offload_attention")
 
 # Reference kwargs that have no effect on this port's forward (no parameters, no numerics).
 _IGNORED_REFERENCE_KWARGS = frozenset({
