@@ -86,7 +86,10 @@ def run(shape: str, remat: str | None, precision: str, steps: int, warmup: int, 
       "mfu": tflops * 1e12 / (peak * gpus) if peak else None,
       "profile": profile,
       "cudnn_fmha_calls": common.count_in_hlo(hlo, "__cudnn$fmha"),
-      "fa3_calls": common.count_in_hlo(hlo, 'custom_call_target="flash_mha_'),
+      # FA3 kernels in the compiled program: per scanned block body, 2 forward (self + cross) and 2
+      # backward when the remat policy keeps the forward's outputs; more forwards mean recomputation.
+      "fa3_fwd_calls": common.count_in_hlo(hlo, 'custom_call_target="flash_mha_fwd"'),
+      "fa3_bwd_calls": common.count_in_hlo(hlo, 'custom_call_target="flash_mha_bwd"'),
       "loss": loss,
   }
 
