@@ -11,8 +11,9 @@ hold the key numbers.
     python -m benchmarks.perf_suite --list             # the variants and plans, nothing run
 
 ``--plan`` is a comma list of plan and variant names, run in that order: ``default`` (the targets:
-720p fp32 master, 720p reference_bf16, 480p, and the 720p memory breakdown), ``options`` (the memory
-options side by side), ``tiny`` (the CPU test of this driver).
+720p fp32 master, 720p reference_bf16, 480p; then the EMA update as its own program, the 720p memory
+breakdown and attention offloading), ``options`` (further options side by side), ``tiny`` (the CPU
+test of this driver).
 """
 
 from __future__ import annotations
@@ -90,9 +91,13 @@ VARIANTS = {v.name: v for v in (
 )}
 
 PLANS = {
-    "default": ("ts_720p_fp32", "ts_720p_bf16", "ts_480p_dots", "mr_720p_fp32"),
-    "options": ("ts_720p_fp32_ema_device", "ts_720p_fp32_offload_attention", "ts_720p_fp32_ema_separate",
-                "mr_720p_fp32_ema_host", "mr_720p_fp32_offload_attention", "mr_720p_bf16"),
+    # The targets first, then what decides between the memory options (in-step vs separate EMA
+    # update; where the rest of the memory goes; whether XLA offloads the attention results).
+    "default": ("ts_720p_fp32", "ts_720p_bf16", "ts_480p_dots", "ts_720p_fp32_ema_separate", "mr_720p_fp32",
+                "mr_720p_fp32_offload_attention"),
+    "options": ("ts_720p_fp32_ema_device", "ts_720p_fp32_offload_attention", "ts_720p_fp32_ema_every4",
+                "mr_720p_fp32_ema_host", "mr_720p_fp32_ema_separate", "mr_720p_bf16", "ts_480p_attention",
+                "ts_480p_dots_bf16"),
     "tiny": ("tiny_step", "tiny_memory"),
 }
 

@@ -89,7 +89,8 @@ def test_checkpoint_saved_on_4_devices_restores_on_2_and_a_changed_state_is_caug
 def test_perf_suite_plans_fit_the_budget_and_name_real_variants():
   for plan, names in perf_suite.PLANS.items():
     assert all(n in perf_suite.VARIANTS for n in names), plan
-  assert sum(perf_suite.VARIANTS[n].expected_s for n in perf_suite.PLANS["default"]) <= 0.7 * 530
+  # The default plan fits one 9-minute command with a minute to spare.
+  assert sum(perf_suite.VARIANTS[n].expected_s for n in perf_suite.PLANS["default"]) <= 530 - 60
   for v in perf_suite.VARIANTS.values():
     assert v.fallback is None or v.fallback in perf_suite.VARIANTS
   assert perf_suite.expand_plan("default,ts_720p_fp32,mr_720p_bf16") == [*perf_suite.PLANS["default"], "mr_720p_bf16"]
