@@ -9,7 +9,6 @@ import json
 import pathlib
 import statistics
 import time
-import types
 from collections.abc import Callable
 from typing import Any
 
@@ -145,7 +144,7 @@ def build_step(config) -> StepSetup:
   config.data.global_batch_size = clips
   dit_cfg = trainer.dit_config(config)
   tx = optim_lib.make_optimizer(config)
-  abstract_state, state_sh, initial_state = trainer.build_state(config, mesh, types.SimpleNamespace(dit_cfg=dit_cfg), tx)
+  abstract_state, state_sh, initial_state = trainer.build_state(config, mesh, dit_cfg, tx)
   train_step = step_lib.make_jitted_train_step(config, mesh, dit.apply_fn(dit_cfg), state_sh, tx=tx)
   batch = memory_lib.abstract_batch(config, mesh, dit_cfg)
   return StepSetup(config, mesh, dit_cfg, abstract_state, initial_state, train_step, batch, clips)

@@ -50,12 +50,13 @@ def test_dry_run_prints_the_step_memory_and_reads_no_data(repo_root, tmp_path):
   state, _, temporaries, peak = (_bytes(x) for x in m.groups())
   # The tiny model's fp32 state (params, two Adam moments, EMA) is a few MiB; the peak includes it.
   assert 0 < state < 100 * 2**20 and temporaries > 0 and peak >= state
-  assert not (tmp_path / "out" / "cosmos_predict_v2p5" / "video2world" / "tiny" / "checkpoints").exists()
+  job = tmp_path / "out" / "cosmos_predict_v2p5" / "video2world" / "tiny"
+  assert not (job / "checkpoints").exists() and not (job / "config.json").exists()
 
 
 def test_a_step_too_big_for_the_device_fails_at_start_with_one_error_line(repo_root, tmp_path):
   proc = _cli(repo_root, tmp_path, "--config.trainer.memory_limit_gib=0.001")
-  assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
+  assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]  # a settings mistake
   errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
   assert len(errors) == 1, proc.stderr[-3000:]
   line = errors[0]
