@@ -1,7 +1,8 @@
 """One self-attention layer at the 720p shape, forward and forward+backward, per kernel (issue 9).
 
 Kernels: cuDNN through ``jax.nn.dot_product_attention`` (BTNH, what the DiT uses), cuDNN with
-the BNTH layout, and the Pallas Mosaic-GPU (Hopper) flash attention with a few tilings. Prints ms and
+the BNTH layout, FlashAttention-3 (``v2w_jax/models/fa3.py``, when flash-attn3-jax imports on a Hopper
+GPU) and the Pallas Mosaic-GPU (Hopper) flash attention with a few tilings. Prints ms and
 TFLOP/s (4·L²·H·D forward, 2.5x that for the backward, as FlashAttention counts).
 
     python -m benchmarks.attention --json=out.json [--seq=84480]
@@ -16,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import common
+from v2w_jax.models import fa3
 
 
 def _cudnn_btnh(q, k, v):
@@ -39,6 +41,8 @@ def _mgpu(config, q, k, v):
 
 def kernels():
   out = {"cudnn_btnh": _cudnn_btnh, "cudnn_bnth": _cudnn_bnth}
+  if fa3.unavailable_reason() is None:
+    out["fa3"] = fa3.attention
   try:
     from jax.experimental.pallas.ops.gpu import attention_mgpu as am  # pylint: disable=import-outside-toplevel
   except Exception:  # noqa: BLE001 - not available on this jax/platform

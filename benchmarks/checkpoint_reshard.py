@@ -21,7 +21,6 @@ import argparse
 import json
 import pathlib
 import time
-import types
 
 import jax
 import jax.numpy as jnp
@@ -44,8 +43,7 @@ def _setup(args):
     config.mesh[axis] = getattr(args, axis)
   mesh = mesh_lib.make_mesh(config.mesh)
   tx = optim_lib.make_optimizer(config)
-  model = types.SimpleNamespace(dit_cfg=trainer.dit_config(config))
-  abstract_state, state_sh, initial_state = trainer.build_state(config, mesh, model, tx)
+  abstract_state, state_sh, initial_state = trainer.build_state(config, mesh, trainer.dit_config(config), tx)
   return mesh, abstract_state, state_sh, initial_state
 
 

@@ -47,7 +47,7 @@ def _args(argv=None):
   p.add_argument("--text_tokens", type=int, default=None, help="default 512 (tiny: 16)")
   p.add_argument("--param_dtype", default=None, help="DiT weight dtype (default: the config's, float32)")
   p.add_argument("--vae_dtype", default=None, help="VAE compute dtype (default: the config's, bfloat16)")
-  p.add_argument("--attention_backend", default=None, help="auto | cudnn | xla")
+  p.add_argument("--attention_backend", default=None, help="auto | fa3 | cudnn | xla")
   p.add_argument("--data", type=int, default=1, help="mesh data axis (splits the CFG batch of 2)")
   p.add_argument("--context", type=int, default=1, help="mesh context axis (splits each clip's tokens)")
   p.add_argument("--decode_chunk", type=int, default=None, help="VAE latent frames per decode scan step")

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import types
 from typing import Any
 
 import jax
@@ -41,28 +40,23 @@ from benchmarks import common
 from benchmarks.train_step import SHAPES
 from v2w_jax.parallel import mesh as mesh_lib
 from v2w_jax.parallel.rules import MESH_AXES
+from v2w_jax.training import memory as memory_lib
 
 GIB = 2**30
 
 
 def memory_of(compiled) -> dict[str, int]:
-  """Bytes per device from ``compiled.memory_analysis()``; peak = arguments + outputs - aliased + temporaries."""
-  m = compiled.memory_analysis()
-  out = {k: int(getattr(m, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp")}
-  out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
-  xla_peak = int(getattr(m, "peak_memory_in_bytes", 0) or 0)  # XLA's own figure, where the backend gives one
-  if xla_peak:
-    out["xla_peak"] = xla_peak
+  """Bytes per device from ``compiled.memory_analysis()`` (``training/memory.py``); peak = arguments +
+  outputs - aliased + temporaries; ``xla_peak``: XLA's own figure, where the backend gives one."""
+  m = memory_lib.ProgramMemory.from_compiled("", compiled)
+  out = {"argument": m.arguments, "output": m.outputs, "alias": m.aliased, "temp": m.temporaries, "peak": m.peak}
+  if m.compiler_peak:
+    out["xla_peak"] = m.compiler_peak
   return out
 
 
-def _leaf_bytes(leaf: Any) -> int:
-  shape = leaf.sharding.shard_shape(leaf.shape) if getattr(leaf, "sharding", None) is not None else leaf.shape
-  return int(np.prod(shape)) * np.dtype(leaf.dtype).itemsize
-
-
 def _tree_bytes(tree: Any) -> int:
-  return sum(_leaf_bytes(x) for x in jax.tree.leaves(tree))
+  return sum(memory_lib.per_device_bytes(tree))
 
 
 def _model_state(config, mesh):
@@ -72,7 +66,7 @@ def _model_state(config, mesh):
 
   dit_cfg = trainer.dit_config(config)
   tx = optim_lib.make_optimizer(config)
-  abstract, shardings, _ = trainer.build_state(config, mesh, types.SimpleNamespace(dit_cfg=dit_cfg), tx)
+  abstract, shardings, _ = trainer.build_state(config, mesh, dit_cfg, tx)
   return dit_cfg, tx, abstract, shardings
 
 

@@ -47,8 +47,9 @@ def model_2b() -> ConfigDict:
           rope_bf16_exponents=True,  # what the real bf16 reference net computes (dit_spec §4.5)
           param_dtype="float32",  # master weights; "bfloat16" with optim.precision=reference_bf16
           dtype="bfloat16",  # compute dtype outside the fp32 islands (dit_spec §8)
-          attention_backend="auto",  # auto | cudnn | xla  (auto: cudnn on GPU, xla elsewhere)
-          remat_policy="save_attention",  # none | save_attention | save_self_attention | save_dots | full
+          attention_backend="auto",  # auto | fa3 | cudnn | xla  (auto: cudnn on GPU, xla elsewhere; fa3 opt-in)
+          # none | save_attention | save_self_attention | save_dots (short clips) | full | offload_attention
+          remat_policy="save_attention",
           scan_blocks=True,  # lax.scan over blocks: compile time independent of depth
       )
   )
@@ -147,7 +148,16 @@ def get_config() -> ConfigDict:
       )
   )
 
-  c.ema = ConfigDict(dict(enabled=True, rate=0.1, iteration_shift=0))
+  c.ema = ConfigDict(
+      dict(
+          enabled=True,
+          rate=0.1,
+          iteration_shift=0,
+          offload=False,  # keep the fp32 EMA in pinned host memory (-4 bytes/param of device memory)
+          offload_update="in_step",  # in_step | separate (the update as a program of its own)
+          every_n_steps=1,  # >1: update after every N-th step with the window's decay (approximate)
+      )
+  )
 
   # LoRA post-training (the reference's model.config.use_lora; configs/nemo_lora.py turns it on): adapters
   # on the targeted layers are the only trainable parameters, the base weights stay frozen in base_dtype.
@@ -211,6 +221,9 @@ def get_config() -> ConfigDict:
           sample_num_steps=35,
           sample_guidance=7.0,
           sample_num_conditional_frames=1,
+          dry_run=False,  # compile the step, print its memory per device, exit (no data, no steps)
+          memory_check=True,  # stop at start when the compiled step's peak exceeds the device memory
+          memory_limit_gib=0.0,  # > 0: check against this many GiB instead (e.g. 80 for an H100 80GB)
       )
   )
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from benchmarks import profile_summary
+from benchmarks import perf_suite, profile_summary
 
 
 def _gpu_like_trace():
@@ -133,3 +133,36 @@ def test_latent_cache_benchmark_dry_run_on_cpu(tmp_path, repo_root):
     assert run["iterations"] == 3 and all(loss == loss for loss in run["loss"])
     assert run["iter_over_step"] == pytest.approx(run["iter_s"] / run["step_s"])
   assert "trainer cached" in proc.stdout and "clips/s per device" in proc.stdout
+
+
+def test_perf_suite_plans_fit_the_budget_and_name_real_variants():
+  for plan, names in perf_suite.PLANS.items():
+    assert all(n in perf_suite.VARIANTS for n in names), plan
+  # The default plan fits one 9-minute command with a minute to spare.
+  assert sum(perf_suite.VARIANTS[n].expected_s for n in perf_suite.PLANS["default"]) <= 530 - 60
+  for v in perf_suite.VARIANTS.values():
+    assert v.fallback is None or v.fallback in perf_suite.VARIANTS
+  assert perf_suite.expand_plan("default,ts_720p_fp32,mr_720p_bf16") == [*perf_suite.PLANS["default"], "mr_720p_bf16"]
+
+
+def test_perf_suite_tiny_plan_runs_the_step_and_the_memory_report(tmp_path, repo_root):
+  """The driver end to end on CPU: the tiny step (EMA in host memory) is timed, and the memory report
+  gives the residuals, the compiled memory and XLA's buffers at the peak."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  out = tmp_path / "suite"
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.perf_suite", "--plan=tiny", f"--out={out}", "--budget_s=900"],
+                        cwd=repo_root, env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+  rows = {r["name"]: r for r in json.loads((out / "summary.json").read_text())["variants"]}
+  assert rows["tiny_step"]["status"] == "ok", rows["tiny_step"]
+  assert rows["tiny_step"]["median_s"] > 0 and rows["tiny_step"]["state_host_gib"] > 0  # the EMA is on the host
+  assert rows["tiny_step"]["attention_kernel"] == "xla" and rows["tiny_step"]["loss"] > 0
+  assert rows["tiny_memory"]["status"] == "ok", rows["tiny_memory"]
+  report = json.loads((out / "tiny_memory.json").read_text())["result"]
+  assert report["compiled"]["peak_gib"] >= report["compiled"]["state_gib"] > 0
+  res = report["residuals"]
+  assert res["stacked_over_blocks_gib"] > 0 and res["total_gib"] >= res["stacked_over_blocks_gib"]
+  buffers = report["buffers"]["step"]
+  assert buffers["source"] == "live at the peak" and buffers["rows"], buffers
+  assert buffers["by_kind_gib"].get("train state", 0) > 0
+  assert any(r["op_name"] for r in buffers["rows"])  # buffers are named by their JAX op

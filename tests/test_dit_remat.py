@@ -53,6 +53,13 @@ def test_policy_logic():
   assert not self_only(jax.lax.dot_general_p, video, video)
   with pytest.raises(ValueError):
     remat.checkpoint_policy("bogus")
+  # offload_attention: the same values as save_attention, sent to pinned host memory; the rest recomputed.
+  offload = remat.checkpoint_policy("offload_attention")
+  for prim, kw in ((_Prim("flash_mha_fwd"), {}), (_Prim("dot_product_attention_fwd_wrapper"), {}),
+                   (ad_checkpoint_internal.name_p, {"name": ATTENTION_OUT_NAME})):
+    decision = offload(prim, aval, **kw)
+    assert isinstance(decision, jax.ad_checkpoint.Offloadable) and decision.dst == "pinned_host"
+  assert offload(jax.lax.dot_general_p, aval, aval) is jax.ad_checkpoint.Recompute
 
 
 def test_cudnn_primitive_names_exist_in_jax():

@@ -63,3 +63,13 @@ def test_first_update_copies_exactly():
   np.testing.assert_array_equal(np.asarray(new["b"]), np.asarray(params["b"]))
   init = ema.init_ema(params)
   assert init["a"].dtype == jnp.float32
+
+
+def test_window_beta_is_the_product_of_the_steps_decays():
+  g = ema.power_ema_gamma(0.1)
+  for last, n in ((1, 2), (3, 2), (10, 4), (1000, 10), (5, 7)):
+    want = float(np.prod(ema.power_ema_beta_np(np.arange(last - n + 1, last + 1), g)))
+    got = float(jax.jit(lambda k: ema.power_ema_beta_window(k, n, g))(jnp.int32(last)))
+    assert got == pytest.approx(want, rel=3e-6, abs=1e-30)
+  # One step: exactly the per-step decay (the default path's numbers are unchanged).
+  assert float(ema.power_ema_beta_window(jnp.int32(17), 1, g)) == float(ema.power_ema_beta(jnp.int32(17), g))

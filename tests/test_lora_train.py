@@ -40,8 +40,7 @@ def _build(config):
   mesh = mesh_lib.make_mesh(config.mesh)
   cfg = trainer.dit_config(config)
   tx = optim_lib.make_optimizer(config)
-  model = trainer.Model(dit_cfg=cfg, vae_cfg=None, vae_params=None, encode=None)
-  abstract, state_sh, initial_state = trainer.build_state(config, mesh, model, tx)
+  abstract, state_sh, initial_state = trainer.build_state(config, mesh, cfg, tx)
   return mesh, cfg, tx, abstract, state_sh, initial_state
 
 

@@ -277,6 +277,80 @@ def test_eval_step_fixed_timesteps():
 # ------------------------------------------------------------------------- 8 fake devices (FSDP)
 
 
+def _mesh_run(cfg, steps=3, compile_first=False):
+  """Runs `steps` jitted steps of the toy model on a one-device mesh per `cfg`; (state, metrics list, step)."""
+  from v2w_jax.parallel import sharding as S
+  from v2w_jax.parallel.mesh import make_mesh
+
+  mesh = make_mesh(dict(data=1, fsdp=1, context=1))
+  tx = optim.make_optimizer(cfg)
+  ps = S.param_shardings_from_boxed(jax.eval_shape(toy_boxed_init, jax.random.key(0)), mesh, cfg.mesh.rules)
+  state, shardings = state_lib.create_train_state_sharded(toy_init, tx, cfg, mesh, ps, jax.random.key(0))
+  step = step_lib.make_jitted_train_step(cfg, mesh, toy_apply, shardings, tx=tx)
+  batch = jax.device_put(make_batch(seed=2), S.batch_sharding(mesh))
+  if compile_first:
+    step.compile(jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state),
+                 batch, jax.random.key(3))
+  metrics = []
+  for _ in range(steps):
+    state, m = step(state, batch, jax.random.key(3))
+    metrics.append({k: float(v) for k, v in m.items()})
+  return state, metrics, step
+
+
+def _assert_trees_equal(a, b):
+  jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+
+
+@pytest.mark.parametrize("update", ["in_step", "separate"])
+def test_offloaded_ema_lives_on_the_host_and_equals_the_device_ema(update):
+  ref_state, ref_metrics, _ = _mesh_run(toy_config())
+  cfg = toy_config()
+  cfg.ema.update(offload=True, offload_update=update)
+  state, metrics, step = _mesh_run(cfg, compile_first=True)
+  assert all(e.sharding.memory_kind == "pinned_host" for e in jax.tree.leaves(state.ema_params))
+  assert all(p.sharding.memory_kind == "device" for p in jax.tree.leaves(state.params))
+  assert set(step.program_names) == ({"step"} if update == "in_step" else {"step_no_ema", "ema"})
+  assert len(step._compiled) == len(step.program_names)  # pylint: disable=protected-access
+  _assert_trees_equal(state.params, ref_state.params)
+  _assert_trees_equal(state.ema_params, ref_state.ema_params)
+  if update == "in_step":
+    assert [m["ema_beta"] for m in metrics] == [m["ema_beta"] for m in ref_metrics]
+  on_device = ema_lib.to_device(state.ema_params)
+  assert all(e.sharding.memory_kind == "device" for e in jax.tree.leaves(on_device))
+
+
+def test_ema_every_n_steps_updates_with_the_window_decay():
+  """N = 2 over 4 steps: step 1 copies the parameters (the window holds k = 0), step 3 decays by
+  β(2)·β(3) = (2/4)^(γ+1); steps 0 and 2 leave the EMA as it is (ema_beta reported as 1)."""
+  cfg = toy_config()
+  cfg.ema.every_n_steps = 2
+  states = []
+  for n in (2, 4):
+    state, metrics, _ = _mesh_run(cfg, steps=n)
+    states.append(state)
+  g = ema_lib.power_ema_gamma(cfg.ema.rate)
+  beta = (2 / 4) ** (g + 1)
+  assert [m["ema_beta"] for m in metrics] == pytest.approx([1.0, 0.0, 1.0, beta], rel=1e-6)
+  assert beta == pytest.approx(float(np.prod(ema_lib.power_ema_beta_np([2, 3], g))), rel=1e-12)
+  _assert_trees_equal(states[0].ema_params, states[0].params)
+  want = jax.tree.map(lambda e, p: np.asarray(e) * np.float32(beta) + np.asarray(p) * np.float32(1 - beta),
+                      states[0].ema_params, states[1].params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), b, rtol=1e-6, atol=1e-7),
+               states[1].ema_params, want)
+
+
+def test_ema_settings_are_validated():
+  cfg = toy_config()
+  cfg.ema.every_n_steps = 0
+  with pytest.raises(ValueError, match="every_n_steps"):
+    step_lib.make_train_step(cfg, toy_apply)
+  cfg.ema.every_n_steps = 1
+  cfg.ema.offload_update = "later"
+  with pytest.raises(ValueError, match="offload_update"):
+    step_lib.make_train_step(cfg, toy_apply)
+
+
 def _worker(out_dir: str, use_dit: bool) -> None:
   """Runs in a subprocess with 8 CPU devices; writes results.npz + results.json into out_dir."""
   from v2w_jax.parallel import sharding as S

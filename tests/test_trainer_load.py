@@ -25,8 +25,7 @@ def setup():
 
 def _initial_state(config, cfg):
   mesh = mesh_lib.make_mesh(config.mesh)
-  model = trainer.Model(dit_cfg=cfg, vae_cfg=None, vae_params=None, encode=None)
-  _, _, initial_state = trainer.build_state(config, mesh, model, optim_lib.make_optimizer(config))
+  _, _, initial_state = trainer.build_state(config, mesh, cfg, optim_lib.make_optimizer(config))
   return initial_state()
 
 

@@ -106,6 +106,17 @@ def _block_stack(cfg: DiTConfig):
   return block
 
 
+def _final_layer(cfg: DiTConfig):
+  """FinalLayer, recomputed in the backward whenever the blocks are remat'd.
+
+  Its fp32 LayerNorm keeps four ``tokens x D`` float32 intermediates for the backward (2.6 GiB at
+  720p, more than a block's input); recomputing it costs one LayerNorm and a D → 64 matmul.
+  """
+  if cfg.remat_policy == "none":
+    return FinalLayer
+  return nn.remat(FinalLayer, policy=jax.checkpoint_policies.nothing_saveable)
+
+
 class DiT(nn.Module):
   """``MinimalV1LVGDiT`` forward: velocity prediction, fp32 ``[B, out_channels, T, H, W]``."""
 
@@ -208,7 +219,7 @@ class DiT(nn.Module):
         x, _ = stack(cfg, name=f"blocks_{i}")(x, t_emb, adaln_lora, context, cos, sin)
 
     # 4.7-4.8 final layer (fp32 island d) and unpatchify.
-    y = FinalLayer(cfg, name="final_layer")(x, t_emb, adaln_lora)
+    y = _final_layer(cfg)(cfg, name="final_layer")(x, t_emb, adaln_lora)
     return unpatchify(y, pt, p, cfg.out_channels)
 
 

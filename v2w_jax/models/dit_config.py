@@ -14,12 +14,12 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from v2w_jax.models.attention import BACKENDS as _BACKENDS
 from v2w_jax.models.lora import LoRASpec
+from v2w_jax.models.remat import POLICIES as _REMAT
 from v2w_jax.parallel import rules as rules_lib
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-_BACKENDS = ("auto", "cudnn", "xla")
-_REMAT = ("none", "save_attention", "save_self_attention", "save_dots", "full")
 
 # Reference kwargs that have no effect on this port's forward (no parameters, no numerics).
 _IGNORED_REFERENCE_KWARGS = frozenset({

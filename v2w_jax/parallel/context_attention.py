@@ -122,13 +122,16 @@ def _check_shapes(plan: ContextParallelPlan, q: jnp.ndarray, k: jnp.ndarray, v: 
 
 
 def ulysses_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, attention_fn: AttentionFn,
-                      plan: ContextParallelPlan) -> jnp.ndarray:
+                      plan: ContextParallelPlan, check_vma: bool = True) -> jnp.ndarray:
   """Self-attention with sequence-sharded ``[B, L, H, D]`` q/k/v via two all-to-alls.
 
   Args:
     q, k, v: ``[B, L, H, D]``, logically the whole sequence (sharded over ``plan.context_axes``).
     attention_fn: the local kernel on ``[B_local, L, H/cp, D]``; it sees full sequences.
     plan: from :func:`context_parallel_plan`.
+    check_vma: shard_map's typing of device-varying values; False for kernels whose primitives do not
+      type it (FA3's), whose custom VJP would otherwise fail the check. Gradients stay exact: unchecked,
+      shard_map's transpose sums input cotangents over the mesh axes their specs do not mention.
 
   Returns:
     ``[B, L, H, D]`` sharded like q. Differentiable (the all-to-alls transpose to all-to-alls).
@@ -148,23 +151,25 @@ def ulysses_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, attention_
     # [B, L, H/cp, D] → [B, L/cp, H, D].
     return jax.lax.all_to_all(out, axis, split_axis=1, concat_axis=2, tiled=True)
 
-  return jax.shard_map(body, mesh=plan.mesh, in_specs=(spec, spec, spec), out_specs=spec)(q, k, v)
+  return jax.shard_map(body, mesh=plan.mesh, in_specs=(spec, spec, spec), out_specs=spec,
+                       check_vma=check_vma)(q, k, v)
 
 
 def query_sharded_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, attention_fn: AttentionFn,
-                            plan: ContextParallelPlan) -> jnp.ndarray:
+                            plan: ContextParallelPlan, check_vma: bool = True) -> jnp.ndarray:
   """Cross-attention: sequence-sharded queries against whole keys/values; no collective.
 
   Args:
     q: ``[B, Lq, H, D]`` sharded over the context axes; k, v: ``[B, Lk, H, D]`` (e.g. text tokens).
     attention_fn: the local kernel.
     plan: from :func:`context_parallel_plan`.
+    check_vma: as in :func:`ulysses_attention`.
   """
   _check_shapes(plan, q, k, v, self_attention=False)
   q_spec = plan.spec(q.shape[0], sequence_sharded=True)
   kv_spec = plan.spec(k.shape[0], sequence_sharded=False)
   return jax.shard_map(attention_fn, mesh=plan.mesh, in_specs=(q_spec, kv_spec, kv_spec),
-                       out_specs=q_spec)(q, k, v)
+                       out_specs=q_spec, check_vma=check_vma)(q, k, v)
 
 
 def _cfg_value(model_cfg: Any, name: str, default: Any = None) -> Any:

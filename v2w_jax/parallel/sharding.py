@@ -113,14 +113,18 @@ def opt_state_shardings(tx: optax.GradientTransformation, abstract_params: Any, 
 
 
 def train_state_shardings(abstract_state: Any, param_shardings: Any, tx: optax.GradientTransformation,
-                          mesh: jax.sharding.Mesh) -> Any:
+                          mesh: jax.sharding.Mesh, ema_memory_kind: str | None = None) -> Any:
   """Shardings of a ``TrainState``: step replicated, params and EMA like ``param_shardings``, optimizer
-  moments like their parameters."""
+  moments like their parameters. ``ema_memory_kind`` (e.g. 'pinned_host') places the EMA there."""
+  ema = param_shardings
+  if ema_memory_kind is not None:
+    ema = jax.tree.map(lambda s: s.with_memory_kind(ema_memory_kind), param_shardings,
+                       is_leaf=lambda x: isinstance(x, NamedSharding))
   return abstract_state.replace(
       step=replicated(mesh),
       params=param_shardings,
       opt_state=opt_state_shardings(tx, abstract_state.params, param_shardings, mesh),
-      ema_params=None if abstract_state.ema_params is None else param_shardings,
+      ema_params=None if abstract_state.ema_params is None else ema,
   )
 
 

@@ -25,6 +25,7 @@ from jax.experimental import multihost_utils
 from v2w_jax.data.video import write_mp4
 from v2w_jax.diffusion.objective import make_objective
 from v2w_jax.inference.pipeline import Video2WorldPipeline
+from v2w_jax.training import ema as ema_lib
 
 # The reference samples with the scheduler's default shift (the objective's shift 5 for RF).
 SAMPLE_SHIFT = 5.0
@@ -69,7 +70,8 @@ class SampleWriter:
     gt = pipe.latents_from_means(clips) if cached else pipe.encode_conditional(clip, shape, shape[2])
     text = pipe.text_embedding(text)
     outputs = {"gt": gt}
-    variants = [("reg", state.params)] + ([("ema", state.ema_params)] if state.ema_params is not None else [])
+    variants = [("reg", state.params)] + ([("ema", ema_lib.to_device(state.ema_params))]
+                                           if state.ema_params is not None else [])
     for name, params in variants:
       outputs[name] = pipe.sample_latents(shape, text, None, gt, self.num_cond, seed=self.seed + step,
                                           guidance=self.guidance, num_steps=self.num_steps, shift=SAMPLE_SHIFT,

@@ -75,5 +75,6 @@ def create_train_state_sharded(
 
   init = state_init_fn(init_params_fn, tx, config)
   abstract = jax.eval_shape(init, *args)
-  shardings = sharding_lib.train_state_shardings(abstract, param_shardings, tx, mesh)
+  shardings = sharding_lib.train_state_shardings(abstract, param_shardings, tx, mesh,
+                                                 ema_memory_kind=ema_lib.offload_memory_kind(config.ema))
   return sharding_lib.create_sharded(init, shardings, *args), shardings

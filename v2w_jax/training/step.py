@@ -22,6 +22,10 @@ One call = one optimizer step (the reference ``training_step`` + optimizer hooks
 A LoRA state (``training/lora.py``) also carries the frozen base weights: the network sees base +
 adapters, and only the adapters (``state.params``) get gradients, optimizer updates and the EMA.
 
+The EMA update may run in host memory (``ema.offload``), every N steps only (``ema.every_n_steps``) or
+as a program of its own after the step (``ema.offload_update='separate'``): :class:`JittedTrainStep`
+then runs a step program without the update and, when due, the update (``training/ema.py``).
+
 Randomness: the step folds ``state.step`` into ``rng`` (and the microbatch index into that), so the
 caller may pass the run's base key every step; the result is deterministic and resumable.
 
@@ -35,6 +39,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from v2w_jax.diffusion.conditioning import make_condition
@@ -119,6 +124,28 @@ def make_loss_fn(config, apply_fn: ApplyFn, encode_fn: EncodeFn | None = None,
   return loss_fn
 
 
+def _ema_settings(config) -> tuple[bool, float, int, int, bool]:
+  """(enabled, γ, iteration shift, every_n_steps, offloaded) from ``config.ema``."""
+  enabled = bool(config.ema.get("enabled", True))
+  gamma = ema_lib.power_ema_gamma(float(config.ema.rate)) if enabled else 0.0
+  every, _ = ema_lib.schedule(config.ema)
+  return enabled, gamma, int(config.ema.get("iteration_shift", 0)), every, bool(config.ema.get("offload", False))
+
+
+def make_ema_step(config) -> Callable[[TrainState], TrainState]:
+  """``ema_step(state) -> state``: the EMA update for the optimizer step just taken (``state.step − 1``),
+  alone; what the train step does in place when the update is not a program of its own."""
+  enabled, gamma, shift, every, offloaded = _ema_settings(config)
+
+  def ema_step(state: TrainState) -> TrainState:
+    if not enabled or state.ema_params is None:
+      return state
+    beta = ema_lib.power_ema_beta_window(state.step - 1 + shift, every, gamma)
+    return state.replace(ema_params=ema_lib.ema_update(state.ema_params, state.params, beta, on_host=offloaded))
+
+  return ema_step
+
+
 def make_train_step(
     config,
     apply_fn: ApplyFn,
@@ -126,10 +153,13 @@ def make_train_step(
     *,
     objective: Objective | None = None,
     tx: optax.GradientTransformation | None = None,
+    update_ema: bool = True,
 ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
   """Builds the pure ``train_step(state, batch, rng) -> (state, metrics)`` (see the module docstring).
 
   ``tx`` defaults to ``optim.make_optimizer(config)``; it must be the one the state was created with.
+  ``update_ema=False`` leaves the EMA as it is (``ema_beta`` is then reported as 1); with
+  ``ema.every_n_steps`` N > 1 an update uses the decay of the N steps ending at this one.
   Metrics (float32 scalars): loss, grad_norm (pre-clip, after nan→0), grad_nonfinite (count of
   nan/inf gradient entries), clip_coef, lr, ema_beta, num_conditional_frames (mean), caption_dropped
   (fraction), sigma_mean, timestep_mean. ``lr`` is the schedule at ``state.step``; the optimizer applies
@@ -142,9 +172,7 @@ def make_train_step(
     raise ValueError(f"config.optim.grad_accum_steps must be >= 1, got {accum}")
   max_norm = float(config.optim.get("clip_grad_norm", 0.0) or 0.0)
   lr_fn = optim_lib.make_lr_schedule(config)
-  ema_enabled = bool(config.ema.get("enabled", True))
-  gamma = ema_lib.power_ema_gamma(float(config.ema.rate)) if ema_enabled else 0.0
-  shift = int(config.ema.get("iteration_shift", 0))
+  ema_enabled, gamma, shift, ema_every, ema_offloaded = _ema_settings(config)
 
   def trained_loss(params, frozen, batch, key):
     # LoRA: the network sees base + adapters; only the adapters (params) are differentiated.
@@ -185,8 +213,11 @@ def make_train_step(
     )
     ema_params = state.ema_params
     if ema_enabled and ema_params is not None:
-      beta = ema_lib.power_ema_beta(state.step + shift, gamma)
-      ema_params = ema_lib.ema_update(ema_params, params, beta)
+      if update_ema:
+        beta = ema_lib.power_ema_beta_window(state.step + shift, ema_every, gamma)
+        ema_params = ema_lib.ema_update(ema_params, params, beta, on_host=ema_offloaded)
+      else:
+        beta = jnp.float32(1.0)  # unchanged this step
       metrics["ema_beta"] = beta
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params)
     return new_state, jax.tree.map(lambda m: jnp.asarray(m, jnp.float32), metrics)
@@ -215,45 +246,107 @@ def make_eval_step(
   return eval_step
 
 
-def _batch_signature(batch: Batch):
+def _batch_key(batch: Batch):
+  """Tree structure, shapes and dtypes of a batch (arrays or ``jax.ShapeDtypeStruct``s)."""
   leaves, treedef = jax.tree.flatten(batch)
-  return treedef, tuple(tuple(jnp.shape(x)) for x in leaves)
+  return treedef, tuple((tuple(np.shape(x) if not hasattr(x, "shape") else x.shape),
+                         str(getattr(x, "dtype", None) or np.asarray(x).dtype)) for x in leaves)
+
+
+class JittedTrainStep:
+  """The jitted train step, ``step(state, batch, rng) -> (state, metrics)``, with explicit shardings:
+  state per ``state_shardings`` (donated), each batch leaf's first dim over ('data', 'fsdp')
+  (replicated when that product does not divide it, e.g. a global batch smaller than the device
+  count), rng and metrics replicated. Calls run under ``jax.set_mesh(mesh)`` so the model's logical
+  activation constraints bind to the mesh.
+
+  One call runs the program ``"step"`` (with the EMA update); when the EMA update is skipped on some
+  steps (``ema_every`` > 1) or is a program of its own (``ema_separate``), the programs
+  ``"step_no_ema"`` and ``"ema"`` instead, as due. ``compile(state, batch, rng)`` compiles every program
+  ahead of time (``state``/``batch`` may be ``jax.ShapeDtypeStruct``s) and later calls with that batch
+  signature reuse them, so a memory check before training costs no second compile.
+  """
+
+  def __init__(self, fns: dict[str, Callable], mesh: jax.sharding.Mesh, state_shardings: Any, *,
+               donate: bool = True, ema_every: int = 1, ema_separate: bool = False):
+    self.fns, self.mesh, self.state_shardings, self.donate = fns, mesh, state_shardings, donate
+    self.ema_every, self.ema_separate = int(ema_every), bool(ema_separate)
+    self._jitted: dict[Any, Any] = {}
+    self._compiled: dict[Any, Any] = {}
+
+  @property
+  def program_names(self) -> tuple[str, ...]:
+    if self.ema_separate:
+      return ("step_no_ema", "ema")
+    return ("step", "step_no_ema") if self.ema_every > 1 else ("step",)
+
+  def _jit(self, name: str, batch: Batch):
+    key = (name, _batch_key(batch)) if name != "ema" else (name,)
+    if key not in self._jitted:
+      rep = sharding_lib.replicated(self.mesh)
+      donate = (0,) if self.donate else ()
+      if name == "ema":
+        self._jitted[key] = jax.jit(self.fns[name], in_shardings=(self.state_shardings,),
+                                    out_shardings=self.state_shardings, donate_argnums=donate)
+      else:
+        self._jitted[key] = jax.jit(
+            self.fns[name],
+            in_shardings=(self.state_shardings, sharding_lib.batch_shardings_for(batch, self.mesh), rep),
+            out_shardings=(self.state_shardings, rep), donate_argnums=donate)
+    return self._jitted[key]
+
+  def _program(self, name: str, batch: Batch):
+    key = (name, _batch_key(batch)) if name != "ema" else (name,)
+    return self._compiled.get(key) or self._jit(name, batch)
+
+  def _ema_due(self, state: TrainState) -> bool:
+    return self.ema_every == 1 or (int(state.step) + 1) % self.ema_every == 0
+
+  def __call__(self, state: TrainState, batch: Batch, rng: jax.Array):
+    with jax.set_mesh(self.mesh):
+      if self.ema_separate:
+        due = self._ema_due(state)
+        state, metrics = self._program("step_no_ema", batch)(state, batch, rng)
+        return (self._program("ema", batch)(state) if due else state), metrics
+      name = "step" if self._ema_due(state) else "step_no_ema"
+      return self._program(name, batch)(state, batch, rng)
+
+  def lower(self, state: TrainState, batch: Batch, rng: jax.Array):
+    """The lowered main program (the step that updates the EMA, or the step alone when the EMA
+    update is a program of its own)."""
+    name = "step_no_ema" if self.ema_separate else "step"
+    with jax.set_mesh(self.mesh):
+      return self._jit(name, batch).lower(state, batch, rng)
+
+  def compile(self, state: TrainState, batch: Batch, rng: jax.Array) -> "CompiledTrainStep":
+    """Compiles every program now; later calls with this batch signature run these executables."""
+    programs = {}
+    with jax.set_mesh(self.mesh):
+      for name in self.program_names:
+        args = (state,) if name == "ema" else (state, batch, rng)
+        programs[name] = self._jit(name, batch).lower(*args).compile()
+        self._compiled[(name, _batch_key(batch)) if name != "ema" else (name,)] = programs[name]
+    return CompiledTrainStep(self, programs)
+
+
+class CompiledTrainStep:
+  """The compiled programs of a :class:`JittedTrainStep` (by name); callable like it."""
+
+  def __init__(self, step: JittedTrainStep, programs: dict[str, Any]):
+    self.step, self.programs = step, programs
+
+  def __call__(self, state: TrainState, batch: Batch, rng: jax.Array):
+    return self.step(state, batch, rng)
+
+  def as_text(self) -> str:
+    """The optimized HLO of every program, concatenated."""
+    return "\n".join(p.as_text() for p in self.programs.values())
 
 
 def jit_train_step(train_step: Callable, mesh: jax.sharding.Mesh, state_shardings: Any, *,
-                   donate: bool = True) -> Callable:
-  """``jax.jit`` with explicit shardings: state per ``state_shardings`` (donated), each batch leaf's
-  first dim over ('data', 'fsdp') (replicated when that product does not divide it, e.g. a global
-  batch smaller than the device count), rng and metrics replicated. The call runs under
-  ``jax.set_mesh(mesh)`` so the model's logical activation constraints bind to the mesh.
-
-  The returned callable has ``.lower(state, batch, rng)`` for ahead-of-time compilation.
-  """
-  rep = sharding_lib.replicated(mesh)
-  cache: dict[Any, Callable] = {}
-
-  def jitted_for(batch):
-    sig = _batch_signature(batch)
-    if sig not in cache:
-      cache[sig] = jax.jit(
-          train_step,
-          in_shardings=(state_shardings, sharding_lib.batch_shardings_for(batch, mesh), rep),
-          out_shardings=(state_shardings, rep),
-          donate_argnums=(0,) if donate else (),
-      )
-    return cache[sig]
-
-  def call(state, batch, rng):
-    with jax.set_mesh(mesh):
-      return jitted_for(batch)(state, batch, rng)
-
-  def lower(state, batch, rng):
-    with jax.set_mesh(mesh):
-      return jitted_for(batch).lower(state, batch, rng)
-
-  call.lower = lower
-  call.mesh = mesh
-  return call
+                   donate: bool = True) -> JittedTrainStep:
+  """A :class:`JittedTrainStep` running ``train_step`` (one program, ``"step"``)."""
+  return JittedTrainStep({"step": train_step}, mesh, state_shardings, donate=donate)
 
 
 def make_jitted_train_step(
@@ -266,10 +359,17 @@ def make_jitted_train_step(
     objective: Objective | None = None,
     tx: optax.GradientTransformation | None = None,
     donate: bool = True,
-) -> Callable:
-  """:func:`make_train_step` + :func:`jit_train_step`."""
-  step = make_train_step(config, apply_fn, encode_fn, objective=objective, tx=tx)
-  return jit_train_step(step, mesh, state_shardings, donate=donate)
+) -> JittedTrainStep:
+  """:func:`make_train_step` (+ its EMA-less variant and :func:`make_ema_step` as ``config.ema`` needs)
+  in a :class:`JittedTrainStep`."""
+  every, separate = ema_lib.schedule(config.ema)
+  kw = dict(objective=objective, tx=tx)
+  fns = {"step": make_train_step(config, apply_fn, encode_fn, **kw)}
+  if every > 1 or separate:
+    fns["step_no_ema"] = make_train_step(config, apply_fn, encode_fn, update_ema=False, **kw)
+  if separate:
+    fns["ema"] = make_ema_step(config)
+  return JittedTrainStep(fns, mesh, state_shardings, donate=donate, ema_every=every, ema_separate=separate)
 
 
 def jit_eval_step(eval_step: Callable, mesh: jax.sharding.Mesh, param_shardings: Any) -> Callable:
@@ -278,7 +378,7 @@ def jit_eval_step(eval_step: Callable, mesh: jax.sharding.Mesh, param_shardings:
   cache: dict[Any, Callable] = {}
 
   def call(params, batch, rng, timesteps):
-    sig = _batch_signature(batch)
+    sig = _batch_key(batch)
     if sig not in cache:
       cache[sig] = jax.jit(eval_step, in_shardings=(param_shardings, sharding_lib.batch_shardings_for(batch, mesh),
                                                     rep, rep), out_shardings=rep)
@@ -293,6 +393,9 @@ __all__ = [
     "make_loss_fn",
     "make_train_step",
     "make_eval_step",
+    "make_ema_step",
+    "JittedTrainStep",
+    "CompiledTrainStep",
     "jit_train_step",
     "make_jitted_train_step",
     "jit_eval_step",

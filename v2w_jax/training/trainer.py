@@ -36,9 +36,11 @@ from v2w_jax.models.dit_config import DiTConfig
 from v2w_jax.parallel import mesh as mesh_lib
 from v2w_jax.parallel import sharding as sharding_lib
 from v2w_jax.training import checkpoint as ckpt_lib
+from v2w_jax.training import ema as ema_lib
 from v2w_jax.training import flops as flops_lib
 from v2w_jax.training import logging as log_lib
 from v2w_jax.training import lora as lora_lib
+from v2w_jax.training import memory as memory_lib
 from v2w_jax.training import optim as optim_lib
 from v2w_jax.training import resume as resume_lib
 from v2w_jax.training import samples as samples_lib
@@ -99,16 +101,17 @@ def build_model(config, mesh, random_vae_dir: pathlib.Path) -> Model:
   return Model(dit_cfg, vae_cfg, vae_params, encode, normalize)
 
 
-def build_state(config, mesh, model: Model, tx):
+def build_state(config, mesh, dit_cfg: DiTConfig, tx):
   """Abstract state + shardings, and a function creating the initial state (random or loaded)."""
-  if model.dit_cfg.lora is not None:  # adapters train, the base is frozen (training/lora.py)
-    return lora_lib.build_state(config, mesh, model.dit_cfg, tx)
-  boxed = dit.abstract_variables(model.dit_cfg)["params"]
-  param_sh = sharding_lib.param_shardings_from_boxed(boxed, mesh, model.dit_cfg.logical_axis_rules)
-  init_fn = state_lib.state_init_fn(lambda k: dit.init_params(model.dit_cfg, k), tx, config)
+  if dit_cfg.lora is not None:  # adapters train, the base is frozen (training/lora.py)
+    return lora_lib.build_state(config, mesh, dit_cfg, tx)
+  boxed = dit.abstract_variables(dit_cfg)["params"]
+  param_sh = sharding_lib.param_shardings_from_boxed(boxed, mesh, dit_cfg.logical_axis_rules)
+  init_fn = state_lib.state_init_fn(lambda k: dit.init_params(dit_cfg, k), tx, config)
   key = jax.random.key(config.seed)
   abstract_state = jax.eval_shape(init_fn, key)
-  state_sh = sharding_lib.train_state_shardings(abstract_state, param_sh, tx, mesh)
+  state_sh = sharding_lib.train_state_shardings(abstract_state, param_sh, tx, mesh,
+                                                ema_memory_kind=ema_lib.offload_memory_kind(config.ema))
   abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                 abstract_state, state_sh)
 
@@ -118,7 +121,7 @@ def build_state(config, mesh, model: Model, tx):
       return sharding_lib.create_sharded(init_fn, state_sh, key)
     params = load_lib.load_weights(
         load_path, abstract_state.params,
-        lambda sd: convert_dit.torch_to_params(sd, model.dit_cfg), what="DiT")
+        lambda sd: convert_dit.torch_to_params(sd, dit_cfg), what="DiT")
     from_params = state_lib.state_init_fn(lambda p: p, tx, config)
     return jax.jit(from_params, out_shardings=state_sh)(params)
 
@@ -197,7 +200,7 @@ def resume_or_init(config, mesh, model: Model, tx, data_iter, workdir: pathlib.P
   The checkpoint is checked against the model before anything is restored (a changed model is a
   :class:`resume.IncompatibleCheckpoint`); ``data_iter`` continues where the checkpoint left it.
   """
-  abstract_state, state_sh, initial_state = build_state(config, mesh, model, tx)
+  abstract_state, state_sh, initial_state = build_state(config, mesh, model.dit_cfg, tx)
   checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep,
                                        async_save=config.checkpoint.async_save)
   try:
@@ -259,13 +262,22 @@ def train(config) -> dict[str, Any]:
             jax.process_count())
   validate_clip_shape(config)
   validate_mesh(config, mesh, dit_config(config))
+
+  # ---- The compiled step and its memory per device, printed and checked before any data is read --
+  dit_cfg = dit_config(config)
+  tx = optim_lib.make_optimizer(config)
+  abstract_state, state_sh, _ = build_state(config, mesh, dit_cfg, tx)
+  train_step = step_lib.make_jitted_train_step(config, mesh, dit.apply_fn(dit_cfg), state_sh, tx=tx)
+  memory = memory_lib.preflight(config, train_step, abstract_state, memory_lib.abstract_batch(config, mesh, dit_cfg),
+                                jax.random.key(config.seed))
+  if config.trainer.get("dry_run", False):
+    return {"step": 0, "metrics": {}, "job_dir": str(workdir), "memory": memory.as_dict()}
   data_iter, val_batches = open_data(config)
 
   # ---- Model; state: resume (newest intact checkpoint) > load_path > random --------------------
   try:
     model = build_model(config, mesh, workdir / "random_vae")
     latent_cache.check_vae_weights(config, model.vae_params)  # a latent cache must hold this VAE's latents
-    tx = optim_lib.make_optimizer(config)
     state, start, state_sh, checkpointer = resume_or_init(config, mesh, model, tx, data_iter, workdir)
   except BaseException:
     data_iter.close()
@@ -274,7 +286,6 @@ def train(config) -> dict[str, Any]:
   base_rng = jax.random.key(config.seed)
 
   # ---- Steps -----------------------------------------------------------------------------------
-  train_step = step_lib.make_jitted_train_step(config, mesh, dit.apply_fn(model.dit_cfg), state_sh, tx=tx)
   eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(config, dit.apply_fn(model.dit_cfg)), mesh,
                                      lora_lib.model_params(state_sh))
   batch_sh = sharding_lib.batch_sharding(mesh)
@@ -294,7 +305,8 @@ def train(config) -> dict[str, Any]:
 
   def validate() -> dict[str, float]:
     """EMA loss at fixed timesteps on the first batches of the validation set (the same each time)."""
-    params = lora_lib.model_params(state, ema=True)
+    ema = ema_lib.to_device(state.ema_params) if state.ema_params is not None else None
+    params = lora_lib.model_params(state.replace(ema_params=ema), ema=True)
     totals: dict[str, list[float]] = {}
     for i, host_batch in enumerate(val_batches):
       batch = model_batch(host_batch)
