@@ -12,6 +12,9 @@ import dataclasses
 import json
 import os
 import pathlib
+import signal
+import subprocess
+import time
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
@@ -43,6 +46,19 @@ def make_users_dataset(root: pathlib.Path) -> pathlib.Path:
 def file_snapshot(root: pathlib.Path) -> dict[pathlib.Path, bytes]:
   """Every file under ``root`` with its bytes: equal snapshots = nothing written, added or removed."""
   return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def kill_after_checkpoint(cmd: list[str], env: dict[str, str], marker: pathlib.Path,
+                          timeout: float = 600) -> None:
+  """Starts ``cmd`` (a trainer) and SIGKILLs it as soon as ``marker`` (a checkpoint's commit file)
+  exists; fails the test if the run ended first."""
+  proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.monotonic() + timeout
+  while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert marker.exists(), "the run ended before its first checkpoint"
 
 
 def fixtures_root() -> pathlib.Path:

@@ -12,17 +12,15 @@ One LoRA run from a base params folder (validation at steps 0 and 12) is shared 
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 import pytest
 
 from test_train_e2e import _command, _env, _final_params, _job, _metrics, _run, dataset  # noqa: F401 (fixture)
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, kill_after_checkpoint
 from configs import tiny
 from v2w_jax.convert import dit as convert_dit
 from v2w_jax.convert import lora as convert_lora
@@ -77,15 +75,7 @@ def test_lora_run_trains_adapters_only_and_resumes_bitwise_after_sigkill(lora_ru
   assert meta["rank"] == RANK and meta["alpha"] == ALPHA and len(meta["base_fingerprint"]) == 64
 
   killed = tmp_path / "killed"
-  proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=_env(killed, 1), stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
-  ckpt4 = _job(killed) / "checkpoints" / "4" / "commit_success.txt"
-  deadline = time.monotonic() + 600
-  while not ckpt4.exists() and proc.poll() is None and time.monotonic() < deadline:
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert ckpt4.exists(), "the run ended before its first checkpoint"
+  kill_after_checkpoint(cmd, _env(killed, 1), _job(killed) / "checkpoints" / "4" / "commit_success.txt")
   assert max(_losses(killed)) < 12, "the kill came too late to test a restart"
   _run(cmd, _env(killed, 1))  # the same command resumes (the base is loaded again and checked)
   resumed = _final_params(killed, 12)

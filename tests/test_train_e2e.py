@@ -26,7 +26,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, kill_after_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -113,15 +113,7 @@ def test_sigkill_and_restart_is_bitwise_exact(dataset, tmp_path):
   _run(_command(dataset, *args), _env(ref, 1))
 
   env = _env(killed, 1)
-  proc = subprocess.Popen(_command(dataset, *args), cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
-  ckpt4 = _job(killed) / "checkpoints" / "4" / "commit_success.txt"
-  deadline = time.monotonic() + 600
-  while not ckpt4.exists() and proc.poll() is None and time.monotonic() < deadline:
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert ckpt4.exists(), "the run ended before its first checkpoint"
+  kill_after_checkpoint(_command(dataset, *args), env, _job(killed) / "checkpoints" / "4" / "commit_success.txt")
   steps_logged = [m["step"] for m in _metrics(killed) if "train/loss" in m]
   assert max(steps_logged) < 12, "the kill came too late to test a restart"
 
