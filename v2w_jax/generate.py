@@ -33,12 +33,12 @@ import time
 from typing import Any, Sequence
 
 from absl import app, flags
-from ml_collections import config_flags
 
+from v2w_jax import config_cli
 from v2w_jax.logging_setup import setup_logging
 from v2w_jax.user_errors import UserError, main_guard
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/nemo.py", "Model / data config (ml_collections).")
+_CONFIG = config_cli.ConfigFlag("configs/nemo.py", "Model / data config (configs/*.py).", doc=__doc__)
 _SPEC = flags.DEFINE_multi_string("spec", None, "Sample spec file(s): .json, .jsonl, .yaml (repeatable).")
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", "", "DiT weights: training checkpoint folder (EMA), params folder, or reference .pt. "
@@ -264,4 +264,4 @@ def main(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_CONFIG.flags_parser)
