@@ -221,6 +221,8 @@ def main():
   if args.dump:  # read when the backend starts, which has not happened yet
     os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), f"--xla_dump_to={args.dump}",
                                         "--xla_dump_hlo_as_text", f"--xla_dump_hlo_module_re={_DUMP_MODULES}"])
+    # A program taken from the persistent compilation cache is not compiled, so XLA would dump nothing.
+    jax.config.update("jax_enable_compilation_cache", False)
   shape = "tiny" if args.tiny else args.shape
   out = report(shape, args.remat, args.precision, args.backend,
                dict(data=args.data, fsdp=args.fsdp, context=args.context), common.parse_overrides(args.set),
